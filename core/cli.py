@@ -1,0 +1,150 @@
+"""The ``rlhfkit`` command: a Hydra app.
+
+``rlhfkit [overrides]`` runs the pipeline; ``rlhfkit plugins`` lists the installed plugins
+with their config fields. Before Hydra composes anything, the plugins are loaded, their
+schemas stored in Hydra's ConfigStore, and the group choices on the command line checked
+against the registry, so a bad name fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from importlib import resources
+from typing import Sequence
+
+from rlhfkit.errors import RlhfkitError, UnknownPluginError
+from rlhfkit.plugin_manager import Plugins, load_plugins
+from rlhfkit.registry import MULTI_GROUPS, Registry
+
+CONFIG_MODULE = "rlhfkit.conf"
+
+
+@functools.lru_cache(maxsize=None)
+def setup() -> tuple[Plugins, Registry]:
+    """Load plugins, build the registry, and make Hydra aware of both. Once per process."""
+    from rlhfkit.config import store_base_config
+
+    plugins = load_plugins()
+    registry = Registry.from_plugins(plugins)
+    extra = [p for paths in plugins.pm.hook.rlhfkit_config_search_path() for p in (paths or [])]
+    _register_search_path(extra)
+    registry.store_schemas(has_yaml=lambda group, name: name in yaml_options(group))
+    store_base_config()
+    return plugins, registry
+
+
+def _register_search_path(paths: list[str]) -> None:
+    from hydra.core.plugins import Plugins as HydraPlugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class RlhfkitPluginConfigs(SearchPathPlugin):
+        """Config directories contributed by rlhfkit plugins (``rlhfkit_config_search_path``)."""
+
+        def manipulate_search_path(self, search_path) -> None:
+            for p in paths:
+                search_path.append(provider="rlhfkit-plugin", path=p)
+
+    RlhfkitPluginConfigs.search_paths = list(paths)
+    HydraPlugins.instance().register(RlhfkitPluginConfigs)
+    _SEARCH_PATHS[:] = paths
+
+
+_SEARCH_PATHS: list[str] = []
+
+
+def yaml_options(group: str) -> set[str]:
+    """Preset names available as YAML in rlhfkit's conf/ and in plugins' config dirs."""
+    names: set[str] = set()
+    roots = [resources.files(CONFIG_MODULE)]
+    for p in _SEARCH_PATHS:
+        if p.startswith("pkg://"):
+            try:
+                roots.append(resources.files(p[len("pkg://") :].replace("/", ".")))
+            except ModuleNotFoundError:
+                continue
+        else:
+            from pathlib import Path
+
+            roots.append(Path(p[len("file://") :] if p.startswith("file://") else p))
+    for root in roots:
+        d = root.joinpath(group)
+        if d.is_dir():
+            names |= {f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml")}
+    return names
+
+
+def check_overrides(argv: Sequence[str], registry: Registry) -> None:
+    """Fail early, with the available choices and the closest match, on an unknown plugin
+    name in a group override (``algorithm=ppo``, ``logger=[console,wandb]``, sweeps too)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(list(argv))
+    parser = OverridesParser.create()
+    for override in parser.parse_overrides(args.overrides):
+        group = override.key_or_group
+        if group not in registry.groups() or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = value if isinstance(value, list) else [value]
+        options = set(registry.names(group)) | yaml_options(group)
+        for v in values:
+            if v is not None and str(v) not in options:
+                raise UnknownPluginError(group, str(v), sorted(options))
+
+
+def list_plugins(registry: Registry, plugins: Plugins, out=sys.stdout) -> None:
+    for group in registry.groups():
+        print(f"{group}:", file=out)
+        for entry in registry.entries(group):
+            print(f"  {entry.name}  ({entry.package})", file=out)
+            prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else group
+            for name, typ, default in entry.fields():
+                print(f"      {prefix}.{name}: {typ} = {default!r}", file=out)
+        presets = sorted(yaml_options(group) - set(registry.names(group)))
+        if presets:
+            print(f"  presets: {', '.join(presets)}", file=out)
+
+
+def _fail(exc: Exception, code: int = 2) -> None:
+    print(f"rlhfkit: error: {exc}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhfkit.pipeline import Run
+
+    plugins, registry = setup()
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        Run(cfg, registry, plugins, run_dir)()
+    except RlhfkitError as exc:
+        _fail(exc, 1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        plugins, registry = setup()
+        if argv[:1] == ["plugins"]:
+            list_plugins(registry, plugins)
+            return
+        check_overrides(argv, registry)
+    except RlhfkitError as exc:
+        _fail(exc)
+    import hydra
+
+    entry = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_task)
+    sys.argv = [sys.argv[0] if sys.argv else "rlhfkit", *argv]
+    entry()
+
+
+if __name__ == "__main__":
+    main()

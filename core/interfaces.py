@@ -1,0 +1,242 @@
+"""What each kind of component must implement: typed Protocols.
+
+Plugins return these from the factories they register (see :mod:`rlhfkit.hookspecs`). The
+pipeline only ever talks to components through these Protocols.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+
+# --- data ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """A demonstration for SFT: the labeller's (or a human's) response to a prompt."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """K ranked completions of one prompt (InstructGPT collects K = 4..9).
+
+    ``scores`` are higher-is-better; equal scores are ties and give no training pair.
+    """
+
+    prompt: str
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+
+
+# sample(prompts, n) -> for each prompt, n completions of the current (SFT) policy
+Sampler = Callable[[Sequence[str], int], list[list[str]]]
+
+
+@runtime_checkable
+class Labeller(Protocol):
+    """Gold scores for (prompt, response) pairs: stands in for the human labellers."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Data for all three stages. ``split`` is ``"train"`` or ``"test"``."""
+
+    labeller: Labeller | None
+
+    def vocabulary(self) -> list[str] | None:
+        """Symbols for a tokenizer built from scratch (None: use the model's own)."""
+
+    def sft_examples(self, split: str) -> list[Example]: ...
+
+    def comparisons(self, split: str, sample: Sampler) -> list[Comparison]:
+        """Ranked completions for the reward model. A task suite samples them from the
+        SFT policy with ``sample`` and ranks them with its labeller; a file dataset reads
+        them and ignores ``sample``."""
+
+    def prompts(self, split: str) -> list[str]:
+        """Prompts for RL (``train``) and evaluation (``test``)."""
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A causal LM and its tokenizer. ``model(input_ids, attention_mask=, position_ids=)``
+    returns an object with ``.logits`` of shape (B, T, V)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+
+    def save(self, path: str) -> None:
+        """Write a Hugging Face directory (model + tokenizer, safetensors) at ``path``."""
+
+
+@runtime_checkable
+class PolicyLoader(Protocol):
+    def build(self, dataset: Dataset) -> Policy:
+        """The policy SFT starts from: a pretrained model, or one built from config."""
+
+    def load(self, path: str) -> Policy:
+        """A policy saved by a previous stage."""
+
+
+@runtime_checkable
+class RewardHead(Protocol):
+    """Maps backbone hidden states to rewards. A ``torch.nn.Module``."""
+
+    def token_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T): a score at every position (the critic uses these)."""
+
+    def pool(self, token_scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T), (B, T) -> (B,): one reward per sequence."""
+
+
+# hidden_size -> a fresh head module
+HeadBuilder = Callable[[int], torch.nn.Module]
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """Scores whole sequences: ``forward(input_ids, attention_mask) -> (B,)``.
+
+    Also a ``torch.nn.Module``. Rewards are shifted by ``bias`` so that the SFT
+    demonstrations score mean 0.
+    """
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """(B,) rewards; with ``per_token``, the (B, T) scores of :meth:`token_values`."""
+
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-position scores: used when the model serves as a critic."""
+
+    def set_bias(self, bias: float) -> None: ...
+
+    def save(self, path: str) -> None: ...
+
+
+@runtime_checkable
+class RewardModelLoader(Protocol):
+    def build(self, backbone_path: str, head: HeadBuilder) -> RewardModel:
+        """A fresh reward model: the backbone at ``backbone_path`` plus a new head."""
+
+    def load(self, path: str, head: HeadBuilder) -> RewardModel:
+        """A reward model saved by :meth:`RewardModel.save`."""
+
+
+# --- execution -----------------------------------------------------------------------
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model being trained, as prepared by a backend (DDP- or ZeRO-wrapped, say)."""
+
+    module: torch.nn.Module  # the unwrapped model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clip gradients, step the optimizer and scheduler, zero the gradients; return
+        the gradient norm before clipping."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and scheduler state (the weights are saved as a model)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    device: torch.device
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        max_grad_norm: float | None = None,
+    ) -> Engine: ...
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """An inference-only model (reference policy, reward model): no grads, eval mode."""
+
+    def autocast(self) -> AbstractContextManager[Any]: ...
+
+    def barrier(self) -> None: ...
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
+
+
+class Logger(Protocol):
+    """Any subset of the lifecycle hooks in :mod:`rlhfkit.hookspecs`, as methods marked
+    with ``@rlhfkit.hookimpl``."""
+
+
+# --- RL --------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled. The same temperature is used for the logprobs."""
+
+    max_new_tokens: int = 16
+    """Longest response; a response that reaches it without EOS is penalised."""
+    temperature: float = 1.0
+    """Sampling temperature; the logprobs are computed at the same temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+
+
+@dataclass
+class RLContext:
+    """Everything an RL or preference algorithm gets from the pipeline."""
+
+    policy: Policy
+    """The policy being trained (initialised from SFT)."""
+    reference: Policy
+    """The frozen SFT policy, for the KL penalty."""
+    reward_model: RewardModel | None
+    """The frozen, normalised reward model (None for reward-free preference methods)."""
+    backend: Backend
+    rollout: RolloutConfig
+    total_steps: int
+    """RL iterations the pipeline will run: schedules may depend on it."""
+    make_critic: Callable[[], RewardModel]
+    """A trainable copy of the reward model (InstructGPT initialises the value model from
+    the RM). Critic-free algorithms never call it."""
+    sft_batches: Iterator[list[Example]] | None = None
+    """Endless demonstration batches, for a pretraining/SFT mix (PPO-ptx)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class PreferenceOptimizer(Protocol):
+    """An RL or preference algorithm. The pipeline calls ``setup`` once, then ``step``
+    once per iteration with a batch of prompts."""
+
+    def setup(self, ctx: RLContext) -> None: ...
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        """One iteration (for PPO: rollout, scoring, update epochs); returns metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

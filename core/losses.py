@@ -1,0 +1,51 @@
+"""Reward-model losses: InstructGPT's K-wise loss and the plain pairwise loss."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs. (M,), (M,) -> loss, accuracy."""
+    margin = chosen - rejected
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def comparison_pairs(scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every strictly ordered pair within each group of completions laid end to end.
+
+    Returns (win, lose, group), each (M,): indices into the flattened completions and the
+    group (prompt) each pair belongs to. Ties give no pair.
+    """
+    win, lose, group = [], [], []
+    offset = 0
+    for g, s in enumerate(scores):
+        for i in range(len(s)):
+            for j in range(i + 1, len(s)):
+                if s[i] != s[j]:
+                    a, b = (i, j) if s[i] > s[j] else (j, i)
+                    win.append(offset + a)
+                    lose.append(offset + b)
+                    group.append(g)
+        offset += len(s)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)
+    return as_t(win), as_t(lose), as_t(group)
+
+
+def kwise_loss(
+    rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, group: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT eq. 1: loss = -1/C(K,2) * sum over pairs of log sigmoid(r_w - r_l), per
+    prompt, averaged over prompts. Each completion is forwarded once (``rewards`` (N,) holds
+    every completion of the batch) and all C(K,2) pairs of a prompt are one batch element,
+    which is what keeps the RM from over-fitting to repeated completions."""
+    win, lose, group = win.to(rewards.device), lose.to(rewards.device), group.to(rewards.device)
+    margin = rewards[win] - rewards[lose]  # (M,)
+    counts = torch.zeros(n_groups, device=rewards.device).index_add_(0, group, torch.ones_like(margin))
+    per_group = torch.zeros(n_groups, device=rewards.device, dtype=margin.dtype).index_add_(0, group, -F.logsigmoid(margin))
+    has_pairs = counts > 0
+    loss = (per_group[has_pairs] / counts[has_pairs]).mean()
+    return loss, (margin > 0).float().mean()

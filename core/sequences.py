@@ -1,0 +1,238 @@
+"""Tokenising prompts and responses into the tensors every stage uses, sampling with a KV
+cache, and packing. Pure tensor code: no plugin state.
+
+Layouts
+-------
+* **Rollout** ``(B, P + R)``: prompts left-padded to width P, then responses of width R,
+  right-padded after EOS. The logits for response token t sit at position P + t - 1.
+* **Scored sequence** ``(B, L)``: prompt + response + EOS, right-padded (SFT, RM).
+* **Packed rows** ``(N, pack_length)``: several sequences per row with a block-diagonal
+  causal mask (B, 1, L, L) and positions restarting per sequence: no padding waste and no
+  attention across examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.interfaces import RolloutConfig
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): 0-based positions that skip left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, (B, P)."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    out = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x) :] = 1
+    return out.to(device), mask.to(device)
+
+
+@dataclass
+class Encoded:
+    """Right-padded prompt+response sequences."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    loss_mask: torch.Tensor  # (B, L): 1 where the token is a target (response, incl. EOS)
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, response: str, add_eos: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt + response (+ EOS), and the prompt's length in tokens."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    if add_eos:
+        r = r + [tokenizer.eos_token_id]
+    return p + r, len(p)
+
+
+def pad_rows(rows: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device, mask_prompt: bool = True) -> Encoded:
+    """Right-pad (ids, prompt_len) rows. The loss mask covers the response (or, without
+    ``mask_prompt``, every token but the first)."""
+    width = max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, plen) in enumerate(rows):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        loss_mask[i, (plen if mask_prompt else 1) : len(ids)] = 1
+    return Encoded(ids_t.to(device), mask.to(device), loss_mask.to(device))
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], device: torch.device, add_eos: bool = True
+) -> Encoded:
+    rows = [tokenize_pair(tokenizer, p, r, add_eos) for p, r in zip(prompts, responses)]
+    return pad_rows(rows, tokenizer.pad_token_id, device)
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, 1, L, L) bool, block-diagonal causal
+    position_ids: torch.Tensor  # (N, L)
+    loss_mask: torch.Tensor  # (N, L)
+
+
+def pack(
+    rows: Sequence[tuple[list[int], int]], pack_length: int, pad_id: int, mask_prompt: bool, device: torch.device
+) -> Packed:
+    """Greedy first-fit packing of (ids, prompt_len) rows into rows of ``pack_length``."""
+    bins: list[list[tuple[list[int], int]]] = []
+    space: list[int] = []
+    for ids, plen in sorted(rows, key=lambda r: -len(r[0])):
+        ids = ids[:pack_length]
+        for b, free in enumerate(space):
+            if len(ids) <= free:
+                bins[b].append((ids, plen))
+                space[b] -= len(ids)
+                break
+        else:
+            bins.append([(ids, plen)])
+            space.append(pack_length - len(ids))
+    width = max(pack_length - s for s in space)
+    n = len(bins)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, b in enumerate(bins):
+        at = 0
+        for s, (ids, plen) in enumerate(b):
+            input_ids[i, at : at + len(ids)] = torch.tensor(ids)
+            segment[i, at : at + len(ids)] = s
+            pos[i, at : at + len(ids)] = torch.arange(len(ids))
+            loss_mask[i, at + (plen if mask_prompt else 1) : at + len(ids)] = 1
+            at += len(ids)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    attn = (same & causal)[:, None]
+    # padded positions attend to themselves so their softmax is defined (they carry no loss)
+    attn |= torch.eye(width, dtype=torch.bool)[None, None]
+    return Packed(input_ids.to(device), attn.to(device), pos.to(device), loss_mask.to(device))
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over target positions. logits (B, L, V)."""
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].float()
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(mask) * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- rollouts ------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Sampled responses in the rollout layout."""
+
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # (B, R): 1 up to and including EOS
+    logprobs: torch.Tensor  # (B, R): log pi(y_t) at the sampling temperature
+    ended: torch.Tensor  # (B,) bool: produced EOS
+    responses: list[str]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return positions(self.attention_mask)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device,
+    greedy: bool = False,
+) -> Rollout:
+    """Batched sampling with a KV cache. Stops once every sequence has produced EOS. The
+    logprob of each sampled token comes out of the same forward pass, at the sampling
+    temperature and before top-k/top-p filtering (the distribution the trainer scores)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    B, P = ids.shape
+    mask = prompt_mask
+    pos = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = pos[:, -1] + 1
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    tokens, logps, valid = [], [], []
+    for _ in range(cfg.max_new_tokens):
+        scaled = logits.float() / cfg.temperature
+        logp_all = F.log_softmax(scaled, dim=-1)
+        if greedy:
+            tok = scaled.argmax(-1)
+        else:
+            tok = torch.multinomial(_filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1), 1).squeeze(-1)
+        logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tok = torch.where(alive, tok, torch.full_like(tok, pad))
+        tokens.append(tok)
+        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
+        valid.append(alive.clone())
+        alive = alive & (tok != eos)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, valid[-1].long()[:, None]], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, 1)  # (B, R)
+    response_mask = torch.stack(valid, 1).long()
+    ended = (response == eos).any(-1)
+    texts = decode_responses(tokenizer, response, response_mask)
+    return Rollout(
+        input_ids=torch.cat([ids, response], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask], 1),
+        prompt_width=P,
+        response_mask=response_mask,
+        logprobs=torch.stack(logps, 1),
+        ended=ended,
+        responses=texts,
+    )
+
+
+def decode_responses(tokenizer: Any, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    out = []
+    eos = tokenizer.eos_token_id
+    for row, m in zip(response.tolist(), response_mask.tolist()):
+        toks = [t for t, v in zip(row, m) if v and t != eos]
+        out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+    return out
+
+
+def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """(B, R, V): the logits that predict each response token."""
+    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
+    P, R = rollout.prompt_width, rollout.response_mask.shape[1]
+    return out.logits[:, P - 1 : P + R - 1]

@@ -1,0 +1,129 @@
+"""``algorithm=a2c``: advantage actor-critic. On-policy, a single pass over each rollout,
+no ratio and no clipping. It shares the rollout, the KL penalty and GAE with PPO through
+pure functions, not through inheritance."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from rlhfkit import hookimpl
+from rlhfkit.errors import ConfigError
+from rlhfkit.experience import collect, critic_values
+from rlhfkit.interfaces import RLContext
+from rlhfkit.plugins.policies.hf import disable_dropout
+from rlhfkit.rl import (
+    AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
+    masked_mean, masked_whiten,
+)
+from rlhfkit.sequences import response_logits
+
+
+@dataclass
+class A2CConfig:
+    lr: float = 1e-4
+    """Policy learning rate (Adam)."""
+    critic_lr: float = 1e-4
+    """Value model learning rate."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the SFT policy (initial value if adaptive)."""
+    adaptive_kl: bool = False
+    target_kl: float = 1.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE lambda (1.0: Monte Carlo returns minus the baseline)."""
+    vf_coef: float = 0.1
+    num_minibatches: int = 1
+    """Gradient steps per rollout (each on fresh, disjoint samples: still on-policy)."""
+    whiten_advantages: bool = True
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score for responses without EOS (null: RM score)."""
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Policy gradient with a learned baseline: -E[A_t log pi(y_t)] over response tokens."""
+    return -masked_mean(advantages * logprobs, mask)
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return 0.5 * masked_mean((values - returns) ** 2, mask)
+
+
+class A2C:
+    def __init__(self, cfg: A2CConfig):
+        if cfg.num_minibatches < 1:
+            raise ConfigError("algorithm.num_minibatches must be >= 1.")
+        self.cfg = cfg
+        self.kl = (
+            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
+        )
+
+    def setup(self, ctx: RLContext) -> None:
+        cfg = self.cfg
+        self.ctx = ctx
+        disable_dropout(ctx.policy.model)
+        self.critic = ctx.make_critic()
+        self.policy = ctx.backend.prepare(ctx.policy.model, torch.optim.Adam(ctx.policy.model.parameters(), lr=cfg.lr), None, cfg.max_grad_norm)
+        self.value = ctx.backend.prepare(self.critic, torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr), None, cfg.max_grad_norm)
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.time()
+        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)
+        t_rollout = time.time() - t0
+        mask = exp.mask
+        rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)
+        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        B = len(prompts)
+        mb = max(1, B // cfg.num_minibatches)
+        stats = []
+        for start in range(0, B - mb + 1, mb):  # one pass: every sample is used once
+            idx = torch.arange(start, start + mb)
+            sub, m = exp.select(idx), mask[idx]
+            with ctx.backend.autocast():
+                logits = response_logits(self.policy, sub.rollout)
+                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                entropy = masked_mean(entropy_from_logits(logits, ctx.rollout.temperature), m)
+                pg_loss = a2c_policy_loss(logprobs, advantages[idx], m)
+                vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[idx], m)
+            self.policy.backward(pg_loss - cfg.entropy_coef * entropy)
+            self.value.backward(cfg.vf_coef * vf_loss)
+            grad_norm = self.policy.step()
+            self.value.step()
+            stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(), "grad_norm": grad_norm})
+        seq_kl = kl.sum(-1).mean().item()
+        self.kl.update(seq_kl, B)
+        out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        out.update({
+            "reward/proxy": exp.rm_scores.mean().item(),
+            "reward/score": exp.scores.mean().item(),
+            "rollout/kl": seq_kl,
+            "rollout/eos_rate": exp.rollout.ended.float().mean().item(),
+            "rollout/length": mask.sum(-1).mean().item(),
+            "kl_coef": self.kl.value,
+            "perf/tokens_per_s": int(mask.sum()) / max(t_rollout, 1e-9),
+            "perf/rollout_s": t_rollout,
+            "perf/update_s": time.time() - t0 - t_rollout,
+        })
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict(), "value": self.value.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.policy.load_state_dict(state["policy"])
+        self.value.load_state_dict(state["value"])
+
+
+@hookimpl
+def rlhfkit_register_algorithms(register):
+    register("a2c", A2C, A2CConfig)

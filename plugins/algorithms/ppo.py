@@ -1,0 +1,178 @@
+"""``algorithm=ppo``: PPO as InstructGPT ran it, with the "N+ implementation details"
+(Huang et al. 2024): a per-token KL penalty to the frozen SFT policy with a fixed or
+adaptive coefficient, GAE, advantage whitening, a clipped value loss, a value model
+initialised from the reward model, a penalty for responses without EOS, PPO-ptx, and the
+same temperature for sampling and logprobs with dropout off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from rlhfkit import hookimpl
+from rlhfkit.errors import ConfigError
+from rlhfkit.experience import collect, critic_values
+from rlhfkit.interfaces import RLContext
+from rlhfkit.plugins.policies.hf import disable_dropout
+from rlhfkit.rl import (
+    AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
+    kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten,
+)
+from rlhfkit.sequences import causal_lm_loss, encode_pairs, response_logits
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 1e-4
+    """Policy learning rate (Adam)."""
+    critic_lr: float = 1e-4
+    """Value model learning rate."""
+    kl_coef: float = 0.05
+    """beta in InstructGPT eq. 2: the per-token KL penalty (initial value if adaptive)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 1.0
+    """Target KL per response (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (samples) of the adaptive controller."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping (PPO eq. 7)."""
+    vf_clip: float = 0.2
+    """Value clipping range around the old values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per pass."""
+    whiten_advantages: bool = True
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score given to responses that hit max_new_tokens without EOS (null: RM score)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the SFT (pretraining-mix) loss added to the policy loss."""
+    ptx_batch_size: int = 32
+    entropy_coef: float = 0.0
+    """Entropy bonus (0: off, as in InstructGPT)."""
+    max_grad_norm: float = 1.0
+
+
+def policy_objective(pg_loss: torch.Tensor, ptx_loss: torch.Tensor | None, ptx_coef: float) -> torch.Tensor:
+    """InstructGPT eq. 2's second term: objective = RL + gamma * E_pretrain[log pi]; as a
+    loss, pg_loss + ptx_coef * (SFT negative log-likelihood)."""
+    return pg_loss if ptx_loss is None else pg_loss + ptx_coef * ptx_loss
+
+
+def sft_batch_loss(model: torch.nn.Module, tokenizer: Any, examples, device) -> torch.Tensor:
+    e = encode_pairs(tokenizer, [x.prompt for x in examples], [x.response for x in examples], device)
+    logits = model(input_ids=e.input_ids, attention_mask=e.attention_mask).logits
+    return causal_lm_loss(logits, e.input_ids, e.loss_mask)
+
+
+class PPO:
+    def __init__(self, cfg: PPOConfig):
+        if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
+            raise ConfigError("algorithm.num_minibatches and algorithm.ppo_epochs must be >= 1.")
+        self.cfg = cfg
+        self.kl = (
+            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
+        )
+        self.minibatch_stats: list[dict[str, float]] = []  # of the last step, for inspection
+
+    def setup(self, ctx: RLContext) -> None:
+        cfg = self.cfg
+        self.ctx = ctx
+        disable_dropout(ctx.policy.model)
+        self.critic = ctx.make_critic()  # InstructGPT: value model initialised from the RM
+        self.policy = ctx.backend.prepare(
+            ctx.policy.model, torch.optim.Adam(ctx.policy.model.parameters(), lr=cfg.lr, eps=1e-5), None, cfg.max_grad_norm
+        )
+        self.value = ctx.backend.prepare(
+            self.critic, torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, eps=1e-5), None, cfg.max_grad_norm
+        )
+        if cfg.ptx_coef > 0 and ctx.sft_batches is None:
+            raise ConfigError("algorithm.ptx_coef > 0 needs SFT demonstrations, and the dataset has none.")
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.time()
+        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)
+        t_rollout = time.time() - t0
+        mask = exp.mask  # (B, R)
+        rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)
+        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        B = len(prompts)
+        mb = max(1, B // cfg.num_minibatches)
+        T = ctx.rollout.temperature
+        self.minibatch_stats = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B)
+            for start in range(0, B - mb + 1, mb):
+                idx = perm[start : start + mb]
+                sub = exp.select(idx)
+                m = mask[idx]
+                with ctx.backend.autocast():
+                    logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
+                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
+                    pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[idx], m, cfg.clip_eps)
+                    entropy = masked_mean(entropy_from_logits(logits, T), m)
+                    ptx_loss = None
+                    if cfg.ptx_coef > 0:
+                        ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], ctx.backend.device)
+                    loss = policy_objective(pg_loss - cfg.entropy_coef * entropy, ptx_loss, cfg.ptx_coef)
+                    values = critic_values(self.value, sub.rollout).float()
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[idx], m, cfg.vf_clip)
+                self.policy.backward(loss)
+                self.value.backward(cfg.vf_coef * vf_loss)
+                grad_norm = self.policy.step()
+                self.value.step()
+                self.minibatch_stats.append({
+                    "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+                    "loss/ptx": ptx_loss.item() if ptx_loss is not None else 0.0,
+                    "policy/ratio": st["ratio"].item(), "policy/clipfrac": st["clipfrac"].item(),
+                    "policy/approx_kl": st["approx_kl"].item(), "policy/entropy": entropy.item(),
+                    "value/clipfrac": vf_clipfrac.item(), "grad_norm": grad_norm,
+                    # KL(pi || pi_SFT) of this minibatch under the current policy
+                    "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
+                })
+
+        seq_kl = kl.sum(-1).mean().item()  # nats per response
+        self.kl.update(seq_kl, B)
+        n_tokens = int(mask.sum())
+        out = {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in self.minibatch_stats[0]}
+        out.update({
+            "reward/proxy": exp.rm_scores.mean().item(),
+            "reward/score": exp.scores.mean().item(),
+            "reward/total": (rewards * mask).sum(-1).mean().item(),
+            "rollout/kl": seq_kl,
+            "rollout/eos_rate": exp.rollout.ended.float().mean().item(),
+            "rollout/length": mask.sum(-1).mean().item(),
+            "kl_coef": self.kl.value,
+            "perf/tokens_per_s": n_tokens / max(t_rollout, 1e-9),
+            "perf/rollout_s": t_rollout,
+            "perf/update_s": time.time() - t0 - t_rollout,
+        })
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict(), "value": self.value.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.policy.load_state_dict(state["policy"])
+        self.value.load_state_dict(state["value"])
+
+
+@hookimpl
+def rlhfkit_register_algorithms(register):
+    register("ppo", PPO, PPOConfig)
