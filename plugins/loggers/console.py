@@ -34,6 +34,8 @@ class ConsoleLogger:
     @hookimpl
     def rlhfkit_log_metrics(self, stage, step, metrics):
         shown = [f"{k}={metrics[k]:.4g}" for k in self.cfg.keys if k in metrics]
+        if not shown:
+            return
         print(f"[{stage} {step:>4d} {time.time() - self._t0:6.1f}s] " + " ".join(shown), file=self.stream, flush=True)
 
     @hookimpl

@@ -1,0 +1,63 @@
+"""The rlhfkit command: plugin listing, early errors, Hydra behaviours."""
+
+import pytest
+
+from rlhfkit.cli import check_overrides, setup, yaml_options
+from rlhfkit.errors import UnknownPluginError
+
+from ..helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return setup()[1]
+
+
+@pytest.mark.parametrize(
+    "override,group,bad",
+    [
+        ("algorithm=ppoo", "algorithm", "ppoo"),
+        ("reward_head=last_tokn", "reward_head", "last_tokn"),
+        ("logger=[console,jsonll]", "logger", "jsonll"),
+        ("algorithm=ppo,a2cc", "algorithm", "a2cc"),  # a multirun sweep
+    ],
+)
+def test_unknown_choice_fails_before_hydra(registry, override, group, bad):
+    with pytest.raises(UnknownPluginError) as e:
+        check_overrides(["-m", override] if "," in override and "[" not in override else [override], registry)
+    assert e.value.group == group and e.value.name == bad
+    assert "Did you mean" in str(e.value)
+
+
+def test_valid_choices_and_presets_pass(registry):
+    check_overrides(["algorithm=a2c", "reward_head=mlp", "experiment=smoke", "logger=[console]", "algorithm.kl_coef=0.1"], registry)
+    assert "smoke" in yaml_options("experiment") and "ppo" in yaml_options("algorithm")
+
+
+def test_cli_unknown_plugin_exit_code_and_message(tmp_path):
+    r = run_cli(["algorithm=ppx"], cwd=str(tmp_path))
+    assert r.returncode == 2
+    assert "Unknown algorithm 'ppx'. Did you mean 'ppo'?" in r.stderr and "a2c, ppo" in r.stderr
+    assert not (tmp_path / "outputs").exists()  # no work started
+
+
+def test_cli_wrong_type_names_field_and_type(tmp_path):
+    r = run_cli(["algorithm.kl_coef=lots", "rl.steps=3.5"], cwd=str(tmp_path))
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "algorithm.kl_coef" in out and "Float" in out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_cfg_job_prints_composed_config(tmp_path):
+    r = run_cli(["--cfg", "job", "algorithm=a2c", "algorithm.kl_coef=0.2", "backend.precision=bf16"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "_name_: a2c" in r.stdout and "kl_coef: 0.2" in r.stdout and "precision: bf16" in r.stdout
+
+
+def test_cli_plugins_lists_fields_and_defaults(tmp_path):
+    r = run_cli(["plugins"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "  ppo  (rlhfkit)" in r.stdout
+    assert "algorithm.clip_eps: float = 0.2" in r.stdout
+    assert "logger.jsonl.filename: str = 'metrics.jsonl'" in r.stdout
