@@ -33,6 +33,22 @@ from rlhfkit.rl import cosine_schedule, masked_sum
 from rlhfkit.sequences import causal_lm_loss, encode_pairs, pack, pad_rows, sample, tokenize_pair
 
 
+def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:
+    """``run_dir/stage``, or, if that run took the stage from its own ``from_run``, the
+    checkpoint found there (so single-stage runs chain: sft in A, rm in B, rl in C)."""
+    for _ in range(max_depth):
+        path = os.path.join(run_dir, stage)
+        if os.path.isdir(path):
+            return path
+        try:
+            run_dir = OmegaConf.load(os.path.join(run_dir, "config.yaml")).get("from_run")
+        except FileNotFoundError:
+            return None
+        if not run_dir:
+            return None
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -89,13 +105,13 @@ class Run:
         # A stage not run here takes its checkpoint from from_run: SFT feeds everything
         # (the final evaluation compares against it), the RM feeds RL.
         needed = {"sft"} | ({"rm"} if "rl" in cfg.stages else set())
-        for stage in sorted(needed - set(cfg.stages)):
-            src = os.path.join(str(cfg.from_run), stage) if cfg.from_run else None
-            if src is None or not os.path.isdir(src):
+        for stage in [s for s in STAGES if s in needed and s not in cfg.stages]:
+            src = find_checkpoint(str(cfg.from_run), stage) if cfg.from_run else None
+            if src is None:
                 raise CheckpointError(
                     f"Stage '{stage}' is not in stages={list(cfg.stages)}, so its checkpoint comes from "
-                    f"from_run, but {src or 'from_run is not set'}{' does not exist' if src else ''}. "
-                    f"Set from_run=<a run directory with a '{stage}' checkpoint>, or add '{stage}' to stages."
+                    f"from_run, but " + (f"{cfg.from_run!r} has no '{stage}' checkpoint" if cfg.from_run else "from_run is not set")
+                    + f". Set from_run=<a run directory with a '{stage}' checkpoint>, or add '{stage}' to stages."
                 )
             self.paths[stage] = src
 

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig, policy_objective
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def test_first_minibatch_has_zero_kl_and_unit_ratio(rl_ctx):
+    torch.manual_seed(0)
+    ppo = PPO(PPOConfig(ppo_epochs=2, num_minibatches=2))
+    ppo.setup(rl_ctx)
+    metrics = ppo.step(["copy a b c =", "reverse a b c d =", "sort c b a =", "count a in a b a ="] * 4)
+    first = ppo.minibatch_stats[0]
+    assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert first["policy/clipfrac"] == 0.0
+    assert first["policy/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["rollout/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == SFT reference
+    # later minibatches see an updated policy
+    assert any(abs(s["policy/ratio"] - 1.0) > 1e-6 for s in ppo.minibatch_stats[1:])
+
+
+def test_ppo_step_updates_policy_and_critic_but_not_reference(rl_ctx):
+    torch.manual_seed(0)
+    ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, lr=1e-3))
+    ppo.setup(rl_ctx)
+    before_p, before_ref, before_v = _params(rl_ctx.policy.model), _params(rl_ctx.reference.model), _params(ppo.critic)
+    before_rm = _params(rl_ctx.reward_model)
+    ppo.step(["copy a b c =", "sort c b a ="] * 4)
+    assert not torch.equal(before_p, _params(rl_ctx.policy.model))
+    assert not torch.equal(before_v, _params(ppo.critic))
+    assert torch.equal(before_ref, _params(rl_ctx.reference.model))
+    assert torch.equal(before_rm, _params(rl_ctx.reward_model))  # the critic is a copy
+
+
+def test_critic_is_initialised_from_reward_model(rl_ctx):
+    ppo = PPO(PPOConfig())
+    ppo.setup(rl_ctx)
+    assert torch.equal(_params(ppo.critic), _params(rl_ctx.reward_model))
+    assert ppo.critic is not rl_ctx.reward_model
+
+
+def test_ptx_term_is_present_and_weighted(rl_ctx):
+    pg, ptx = torch.tensor(0.5), torch.tensor(2.0)
+    assert policy_objective(pg, ptx, 0.25).item() == pytest.approx(1.0)
+    assert policy_objective(pg, None, 0.25).item() == pytest.approx(0.5)
+    torch.manual_seed(0)
+    ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, ptx_coef=0.5))
+    ppo.setup(rl_ctx)
+    m = ppo.step(["copy a b c =", "sort c b a ="] * 2)
+    s = ppo.minibatch_stats[0]
+    assert s["loss/ptx"] > 0  # an untrained model has a large SFT loss
+    assert s["loss/total"] == pytest.approx(s["loss/policy"] + 0.5 * s["loss/ptx"], rel=1e-5)
+    assert m["loss/ptx"] > 0
+
+
+def test_ptx_changes_the_update(rl_ctx, policy_loader, policy_dir):
+    def run(coef):
+        rl_ctx.policy = policy_loader.load(policy_dir)
+        torch.manual_seed(0)
+        ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, ptx_coef=coef, lr=1e-3))
+        ppo.setup(rl_ctx)
+        ppo.step(["copy a b c ="] * 4)
+        return _params(rl_ctx.policy.model)
+
+    assert not torch.allclose(run(0.0), run(1.0))
+
+
+def test_missing_eos_penalty_replaces_score(rl_ctx):
+    from rlhfkit.experience import collect
+
+    rl_ctx.rollout.max_new_tokens = 1  # nothing can end in one token unless it is EOS
+    torch.manual_seed(0)
+    exp = collect(rl_ctx, ["copy a b c d e ="] * 8, missing_eos_penalty=-3.0)
+    truncated = ~exp.rollout.ended
+    assert truncated.any()
+    assert torch.all(exp.scores[truncated] == -3.0)
+    assert torch.all(exp.scores[~truncated] == exp.rm_scores[~truncated])
+
+
+def test_adaptive_kl_is_updated_by_step(rl_ctx):
+    ppo = PPO(PPOConfig(adaptive_kl=True, kl_coef=0.1, target_kl=6.0, kl_horizon=100, ppo_epochs=1))
+    ppo.setup(rl_ctx)
+    ppo.step(["copy a b c ="] * 4)  # KL = 0 < target: coefficient shrinks by 20% * 4/100
+    assert ppo.kl.value == pytest.approx(0.1 * (1 - 0.2 * 4 / 100))
+
+
+def test_dropout_is_off_during_rl(rl_ctx):
+    rl_ctx.policy.model.config.resid_pdrop = 0.5
+    for m in rl_ctx.policy.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    PPO(PPOConfig()).setup(rl_ctx)
+    assert all(m.p == 0.0 for m in rl_ctx.policy.model.modules() if isinstance(m, torch.nn.Dropout))

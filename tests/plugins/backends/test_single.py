@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.interfaces import Backend, Engine
+from rlhfkit.plugins.backends.single import SingleConfig, SingleDevice
+
+
+def test_engine_clips_steps_and_zeroes_grads():
+    backend = SingleDevice(SingleConfig(device="cpu"))
+    assert isinstance(backend, Backend)
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = backend.prepare(model, opt, None, max_grad_norm=1.0)
+    assert isinstance(engine, Engine)
+    loss = engine(torch.tensor([[3.0, 4.0, 0.0]])).sum()  # grad = (3, 4, 0), norm 5
+    engine.backward(loss)
+    norm = engine.step()
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(model.weight.data, torch.tensor([[-0.6, -0.8, 0.0]]))  # clipped to norm 1
+    assert model.weight.grad is None
+    state = engine.state_dict()
+    engine.load_state_dict(state)
+
+
+def test_frozen_models_have_no_grads():
+    backend = SingleDevice(SingleConfig(device="cpu"))
+    m = backend.prepare_frozen(torch.nn.Linear(2, 2))
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+def test_bf16_autocast():
+    backend = SingleDevice(SingleConfig(device="cpu", precision="bf16"))
+    with backend.autocast():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    with SingleDevice(SingleConfig(device="cpu")).autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="precision"):
+        SingleDevice(SingleConfig(precision="fp8"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            SingleDevice(SingleConfig(device="cuda"))

@@ -1,0 +1,54 @@
+import json
+import os
+
+import pytest
+import torch
+
+from rlhfkit.errors import CheckpointError
+from rlhfkit.plugins.reward_heads.mean_pool import MeanPoolConfig, MeanPoolHead
+from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
+from rlhfkit.sequences import encode_pairs
+
+from ...conftest import head_builder
+
+
+def test_save_load_round_trip_and_from_pretrained(policy_dir, tiny_policy, tmp_path):
+    from transformers import AutoModel
+
+    loader = HFRewardLoader(HFRewardConfig())
+    rm = loader.build(policy_dir, head_builder)
+    rm.set_bias(0.25)
+    e = encode_pairs(tiny_policy.tokenizer, ["copy a b =", "sort b a ="], ["a b", "a"], torch.device("cpu"))
+    with torch.no_grad():
+        before = rm(e.input_ids, e.attention_mask)
+    path = str(tmp_path / "rm")
+    os.makedirs(path)
+    rm.save(path)
+    loaded = loader.load(path, head_builder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(e.input_ids, e.attention_mask), before)
+    assert json.load(open(os.path.join(path, "reward_model.json")))["bias"] == 0.25
+    AutoModel.from_pretrained(path)  # the backbone is an ordinary HF directory
+
+
+def test_bias_shifts_rewards(policy_dir, tiny_policy):
+    rm = HFRewardLoader(HFRewardConfig()).build(policy_dir, head_builder)
+    e = encode_pairs(tiny_policy.tokenizer, ["copy a ="], ["a"], torch.device("cpu"))
+    with torch.no_grad():
+        r0 = rm(e.input_ids, e.attention_mask)
+        rm.set_bias(1.5)
+        torch.testing.assert_close(rm(e.input_ids, e.attention_mask), r0 - 1.5)
+        per_token = rm(e.input_ids, e.attention_mask, per_token=True)
+    assert per_token.shape == e.input_ids.shape
+
+
+def test_wrong_head_and_missing_checkpoint_are_clear_errors(policy_dir, tmp_path):
+    loader = HFRewardLoader(HFRewardConfig())
+    rm = loader.build(policy_dir, head_builder)
+    path = str(tmp_path / "rm")
+    os.makedirs(path)
+    rm.save(path)
+    with pytest.raises(CheckpointError, match="trained with head LastTokenHead"):
+        loader.load(path, lambda h: MeanPoolHead(h, MeanPoolConfig()))
+    with pytest.raises(CheckpointError, match="not a reward-model checkpoint"):
+        loader.load(policy_dir, head_builder)
