@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+from omegaconf import OmegaConf
+
 
 def curve(run_dir: str) -> list[dict]:
     rows = []
@@ -27,7 +29,7 @@ def curve(run_dir: str) -> list[dict]:
                 rows.append({"step": r["step"], "gold": r["eval/gold"], "proxy": r["eval/proxy"], "kl": r["eval/kl"], "length": r["eval/length"]})
     with open(os.path.join(run_dir, "eval.json")) as f:
         final = json.load(f)
-    steps = rows[-1]["step"] + (rows[1]["step"] - rows[0]["step"] if len(rows) > 1 else 1) if rows else 0
+    steps = int(OmegaConf.load(os.path.join(run_dir, "config.yaml")).rl.steps)
     sft, rl = final["policies"]["sft"], final["policies"]["rl"]
     start = {"step": 0, "gold": sft["gold"], "proxy": sft["proxy"], "kl": 0.0, "length": sft["length"]}
     end = {"step": steps, "gold": rl["gold"], "proxy": rl["proxy"], "kl": rl["kl"], "length": rl["length"]}
