@@ -9,7 +9,6 @@ against the registry, so a bad name fails before any work starts.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from importlib import resources
 from typing import Sequence

@@ -74,3 +74,18 @@ def collect(
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, missing_eos_penalty))
     mask = rollout.response_mask.float()
     return Experience(rollout, logprobs.float(), ref_logprobs.float(), rm_scores, scores, values, mask)
+
+
+def rollout_metrics(exp: Experience, kl: torch.Tensor, kl_coef: float, rollout_seconds: float) -> dict[str, float]:
+    """The metrics every RL algorithm reports about a rollout, under stable names.
+    ``kl``: (B, R) per-token KL to the reference."""
+    return {
+        "reward/proxy": exp.rm_scores.mean().item(),
+        "reward/score": exp.scores.mean().item(),
+        "rollout/kl": kl.sum(-1).mean().item(),  # nats per response
+        "rollout/eos_rate": exp.rollout.ended.float().mean().item(),
+        "rollout/length": exp.mask.sum(-1).mean().item(),
+        "kl_coef": kl_coef,
+        "perf/tokens_per_s": exp.mask.sum().item() / max(rollout_seconds, 1e-9),
+        "perf/rollout_s": rollout_seconds,
+    }

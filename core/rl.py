@@ -163,3 +163,8 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+def kl_controller(kl_coef: float, adaptive: bool, target: float, horizon: int) -> FixedKLController | AdaptiveKLController:
+    """The fixed or adaptive KL controller an algorithm's config asks for."""
+    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)

@@ -12,11 +12,11 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values
+from rlhfkit.experience import collect, critic_values, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
-    AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
+    kl_controller, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
     masked_mean, masked_whiten,
 )
 from rlhfkit.sequences import response_logits
@@ -60,9 +60,7 @@ class A2C:
         if cfg.num_minibatches < 1:
             raise ConfigError("algorithm.num_minibatches must be >= 1.")
         self.cfg = cfg
-        self.kl = (
-            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-        )
+        self.kl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
 
     def setup(self, ctx: RLContext) -> None:
         cfg = self.cfg
@@ -99,20 +97,11 @@ class A2C:
             grad_norm = self.policy.step()
             self.value.step()
             stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(), "grad_norm": grad_norm})
-        seq_kl = kl.sum(-1).mean().item()
-        self.kl.update(seq_kl, B)
+        metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
+        self.kl.update(metrics["rollout/kl"], B)
         out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        out.update({
-            "reward/proxy": exp.rm_scores.mean().item(),
-            "reward/score": exp.scores.mean().item(),
-            "rollout/kl": seq_kl,
-            "rollout/eos_rate": exp.rollout.ended.float().mean().item(),
-            "rollout/length": mask.sum(-1).mean().item(),
-            "kl_coef": self.kl.value,
-            "perf/tokens_per_s": int(mask.sum()) / max(t_rollout, 1e-9),
-            "perf/rollout_s": t_rollout,
-            "perf/update_s": time.time() - t0 - t_rollout,
-        })
+        out.update(metrics)
+        out["perf/update_s"] = time.time() - t0 - t_rollout
         return out
 
     def state_dict(self) -> dict[str, Any]:

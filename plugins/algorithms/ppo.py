@@ -15,11 +15,11 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values
+from rlhfkit.experience import collect, critic_values, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
-    AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
+    kl_controller, clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
     kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten,
 )
 from rlhfkit.sequences import causal_lm_loss, encode_pairs, response_logits
@@ -81,9 +81,7 @@ class PPO:
         if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
             raise ConfigError("algorithm.num_minibatches and algorithm.ppo_epochs must be >= 1.")
         self.cfg = cfg
-        self.kl = (
-            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-        )
+        self.kl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.minibatch_stats: list[dict[str, float]] = []  # of the last step, for inspection
 
     def setup(self, ctx: RLContext) -> None:
@@ -146,22 +144,12 @@ class PPO:
                     "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
                 })
 
-        seq_kl = kl.sum(-1).mean().item()  # nats per response
-        self.kl.update(seq_kl, B)
-        n_tokens = int(mask.sum())
+        metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
+        self.kl.update(metrics["rollout/kl"], B)
         out = {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in self.minibatch_stats[0]}
-        out.update({
-            "reward/proxy": exp.rm_scores.mean().item(),
-            "reward/score": exp.scores.mean().item(),
-            "reward/total": (rewards * mask).sum(-1).mean().item(),
-            "rollout/kl": seq_kl,
-            "rollout/eos_rate": exp.rollout.ended.float().mean().item(),
-            "rollout/length": mask.sum(-1).mean().item(),
-            "kl_coef": self.kl.value,
-            "perf/tokens_per_s": n_tokens / max(t_rollout, 1e-9),
-            "perf/rollout_s": t_rollout,
-            "perf/update_s": time.time() - t0 - t_rollout,
-        })
+        out.update(metrics)
+        out["reward/total"] = (rewards * mask).sum(-1).mean().item()
+        out["perf/update_s"] = time.time() - t0 - t_rollout
         return out
 
     def state_dict(self) -> dict[str, Any]:

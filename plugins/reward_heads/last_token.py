@@ -26,12 +26,18 @@ class LastTokenConfig:
     """Std of the initial weights (0: zeros, so every sequence starts at reward 0)."""
 
 
+def linear_scorer(hidden_size: int, init_std: float) -> torch.nn.Linear:
+    """hidden -> one score per position; zero-initialised unless ``init_std`` > 0."""
+    linear = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.normal_(linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    return linear
+
+
 class LastTokenHead(torch.nn.Module):
     def __init__(self, hidden_size: int, cfg: LastTokenConfig):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=cfg.init_std) if cfg.init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        self.linear = linear_scorer(hidden_size, cfg.init_std)
 
     def token_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden).squeeze(-1)  # (B, T)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.plugins.reward_heads.last_token import linear_scorer
 from rlhfkit.rl import masked_mean
 
 
@@ -19,9 +20,7 @@ class MeanPoolConfig:
 class MeanPoolHead(torch.nn.Module):
     def __init__(self, hidden_size: int, cfg: MeanPoolConfig):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=cfg.init_std) if cfg.init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        self.linear = linear_scorer(hidden_size, cfg.init_std)
 
     def token_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden).squeeze(-1)  # (B, T)

@@ -93,3 +93,11 @@ def test_multirun_sweeps_algorithms(tmp_path):
         cfg = open(os.path.join(sweep, job, "config.yaml")).read()
         names.append("a2c" if "_name_: a2c" in cfg else "ppo")
     assert sorted(names) == ["a2c", "ppo"]
+
+
+def test_pairwise_rm_loss_and_llama_policy(tmp_path):
+    run_dir = str(tmp_path / "llama")
+    _ok(run_cli(SMOKE + ["rm.loss=pairwise", "policy.model=tiny-llama", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path)))
+    cfg = json.load(open(os.path.join(run_dir, "sft", "config.json")))
+    assert cfg["model_type"] == "llama"
+    assert any(row["stage"] == "rm" and "loss/rm" in row for row in _metrics(run_dir))
