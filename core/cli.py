@@ -29,9 +29,15 @@ def setup() -> tuple[Plugins, Registry]:
     registry = Registry.from_plugins(plugins)
     extra = [p for paths in plugins.pm.hook.rlhfkit_config_search_path() for p in (paths or [])]
     _register_search_path(extra)
-    registry.store_schemas(has_yaml=lambda group, name: name in yaml_options(group))
+    store_schemas(registry)
     store_base_config()
     return plugins, registry
+
+
+def store_schemas(registry: Registry) -> None:
+    """Make every registered plugin selectable in Hydra (a YAML preset of the same name,
+    which extends the schema itself, takes the group slot)."""
+    registry.store_schemas(has_yaml=lambda group, name: name in yaml_options(group))
 
 
 def _register_search_path(paths: list[str]) -> None:

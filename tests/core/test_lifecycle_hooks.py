@@ -3,12 +3,14 @@ inline callback plugin registered for its duration."""
 
 import json
 import os
+from dataclasses import dataclass
 
 import pytest
 
 from rlhfkit import hookimpl
-from rlhfkit.cli import setup
+from rlhfkit.cli import setup, store_schemas
 from rlhfkit.pipeline import Run
+from rlhfkit.registry import Registry
 
 from ..helpers import SMOKE, compose
 
@@ -96,13 +98,44 @@ def test_rlhfkit_run_end(recorded):
         assert json.load(f)["policies"].keys() == {"sft", "rl"}
 
 
+class ExplodingAlgorithm:
+    """An inline algorithm plugin whose first RL step raises."""
+
+    @dataclass
+    class Config:
+        at_step: int = 1
+
+    @hookimpl
+    def rlhfkit_register_algorithms(self, register):
+        def factory(cfg):
+            class Boom:
+                def setup(self, ctx):
+                    pass
+
+                def step(self, prompts):
+                    raise RuntimeError("exploded mid-run")
+
+            return Boom()
+
+        register("exploding", factory, self.Config)
+
+
 def test_run_end_reports_failure(tmp_path):
-    plugins, registry = setup()
-    rec = Recorder()
+    plugins, _ = setup()
+    rec, algo = Recorder(), ExplodingAlgorithm()
     plugins.register(rec, name="recorder-fail")
+    plugins.register(algo, name="exploding-plugin", package="test-package")
     try:
-        with pytest.raises(Exception):
-            Run(compose(SMOKE + ["logger=[jsonl]", "stages=[rm]", f"from_run={tmp_path}/nope"]), registry, plugins, str(tmp_path))()
+        registry = Registry.from_plugins(plugins)
+        store_schemas(registry)
+        cfg = compose(SMOKE + ["logger=[jsonl]", "algorithm=exploding"])
+        with pytest.raises(RuntimeError, match="exploded mid-run"):
+            Run(cfg, registry, plugins, str(tmp_path))()
     finally:
         plugins.pm.unregister(rec)
-    assert rec.of("run_start") == []  # failed before any work: nothing started
+        plugins.pm.unregister(algo)
+    (end,) = rec.of("run_end")
+    assert end[2]["status"] == "failed" and "exploded mid-run" in end[2]["error"]
+    # the stages before the failure were saved and announced
+    assert [c[1] for c in rec.of("checkpoint_saved")] == ["sft", "rm"]
+    assert (tmp_path / "sft" / "model.safetensors").exists()
