@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhfkit.interfaces import RLContext
+from rlhfkit.interfaces import Backend, RLContext
 from rlhfkit.rl import logprobs_from_logits
-from rlhfkit.sequences import Rollout, response_logits, sample
+from rlhfkit.sequences import Rollout, draw_uniforms, response_logits, sample
 
 
 @dataclass
@@ -50,18 +50,34 @@ def critic_values(critic: Callable[..., torch.Tensor], rollout: Rollout) -> torc
     return values[:, P - 1 : P + R - 1]
 
 
+def any_alive_fn(backend: Backend) -> Callable[[bool], bool] | None:
+    """For :func:`rlhfkit.sequences.sample`: keep every rank decoding while any rank is,
+    so sharded (ZeRO-3) forward passes stay in step. None on one process."""
+    if backend.world_size == 1:
+        return None
+    return lambda alive: bool(backend.all_reduce_sum(torch.tensor(float(alive), device=backend.device)).item() > 0)
+
+
 @torch.no_grad()
 def collect(
     ctx: RLContext, prompts: Sequence[str], critic: torch.nn.Module | None = None,
     missing_eos_penalty: float | None = None,
 ) -> Experience:
-    """Sample one response per prompt and score it. The policy's logprobs are recomputed
-    with a full forward pass at the sampling temperature, so PPO's first ratio is 1."""
+    """Sample one response per prompt of this rank's share of the global batch
+    ``prompts``, and score it. Sampling uniforms are drawn for the global batch, so the
+    responses do not depend on the world size. The policy's logprobs are recomputed with a
+    full forward pass at the sampling temperature, so PPO's first ratio is 1."""
+    backend = ctx.backend
+    uniforms = draw_uniforms(len(prompts), ctx.rollout.max_new_tokens)  # same on every rank
+    mine = backend.shard(list(range(len(prompts))))
     policy = ctx.policy.model
     was_training = policy.training
     policy.eval()
     with ctx.backend.autocast():
-        rollout = sample(policy, ctx.policy.tokenizer, prompts, ctx.rollout, ctx.backend.device)
+        rollout = sample(
+            policy, ctx.policy.tokenizer, [prompts[i] for i in mine], ctx.rollout, backend.device,
+            uniforms=uniforms[mine], any_alive=any_alive_fn(backend),
+        )
         T = ctx.rollout.temperature
         logprobs = policy_logprobs(policy, rollout, T)
         ref_logprobs = policy_logprobs(ctx.reference.model, rollout, T)

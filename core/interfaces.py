@@ -155,6 +155,12 @@ class Engine(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def save_state(self, path: str) -> None:
+        """Write the resumable training state (optimizer, scheduler; sharded where the
+        backend shards it) under the directory ``path``. Called on every rank."""
+
+    def load_state(self, path: str) -> None: ...
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -181,6 +187,19 @@ class Backend(Protocol):
     def barrier(self) -> None: ...
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of a global batch (rank r of w gets items
+        [r*n//w, (r+1)*n//w))."""
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items``, concatenated in rank order, on every rank."""
+
+    def gathered(self, module: torch.nn.Module) -> AbstractContextManager[Any]:
+        """A context in which ``module``'s full parameters are readable (ZeRO-3 gathers
+        its shards; elsewhere a no-op). Enter it on every rank."""
 
 
 class Logger(Protocol):

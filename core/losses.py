@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log sigmoid(r_chosen - r_rejected), mean over pairs. (M,), (M,) -> loss, accuracy."""
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, denom: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs. (M,), (M,) -> loss, accuracy.
+    ``denom`` replaces the pair count (see :func:`rlhfkit.rl.dp_denominator`)."""
     margin = chosen - rejected
-    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+    loss = -F.logsigmoid(margin).sum() / (len(margin) if denom is None else denom)
+    return loss, (margin > 0).float().mean()
 
 
 def comparison_pairs(scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,16 +40,19 @@ def comparison_pairs(scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, t
 
 
 def kwise_loss(
-    rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, group: torch.Tensor, n_groups: int
+    rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, group: torch.Tensor, n_groups: int,
+    denom: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT eq. 1: loss = -1/C(K,2) * sum over pairs of log sigmoid(r_w - r_l), per
     prompt, averaged over prompts. Each completion is forwarded once (``rewards`` (N,) holds
     every completion of the batch) and all C(K,2) pairs of a prompt are one batch element,
-    which is what keeps the RM from over-fitting to repeated completions."""
+    which is what keeps the RM from over-fitting to repeated completions. ``denom``
+    replaces the number of prompts with pairs (see :func:`rlhfkit.rl.dp_denominator`)."""
     win, lose, group = win.to(rewards.device), lose.to(rewards.device), group.to(rewards.device)
     margin = rewards[win] - rewards[lose]  # (M,)
     counts = torch.zeros(n_groups, device=rewards.device).index_add_(0, group, torch.ones_like(margin))
     per_group = torch.zeros(n_groups, device=rewards.device, dtype=margin.dtype).index_add_(0, group, -F.logsigmoid(margin))
     has_pairs = counts > 0
-    loss = (per_group[has_pairs] / counts[has_pairs]).mean()
+    per_prompt = per_group[has_pairs] / counts[has_pairs]
+    loss = per_prompt.sum() / (len(per_prompt) if denom is None else denom)
     return loss, (margin > 0).float().mean()

@@ -5,7 +5,6 @@ the pure functions of :mod:`rlhfkit.rl`, :mod:`rlhfkit.losses` and :mod:`rlhfkit
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -21,16 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from rlhfkit.checkpoint import atomic_directory, atomic_write_text
 from rlhfkit.config import STAGES, EvalConfig, RLConfig, RMConfig, RMLoss, SFTConfig
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.experience import policy_logprobs
+from rlhfkit.experience import any_alive_fn, policy_logprobs
 from rlhfkit.interfaces import (
-    Backend, Comparison, Dataset, Example, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
+    Backend, Comparison, Dataset, Engine, Example, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
 )
 from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
-from rlhfkit.rl import cosine_schedule, masked_sum
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, pack, pad_rows, sample, tokenize_pair
+from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
+from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, sample, tokenize_pair
 
 
 def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:
@@ -100,6 +99,10 @@ class Run:
         self.rl_cfg: RLConfig = OmegaConf.to_object(cfg.rl)
         self.eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)
         self.c = Components.build(cfg, registry)
+        backend = self.c.backend
+        if backend.world_size > 1:  # ranks may disagree on ${now:...}: rank 0's directory wins
+            self.run_dir = run_dir = backend.gather_objects([run_dir])[0]
+        self.main = backend.is_main
         self.hook = plugins.pm.hook
         self.paths = {s: os.path.join(run_dir, s) for s in STAGES}
         # A stage not run here takes its checkpoint from from_run: SFT feeds everything
@@ -118,14 +121,32 @@ class Run:
     # -- helpers ------------------------------------------------------------------------
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
-        self.hook.rlhfkit_log_metrics(stage=stage, step=step, metrics={k: float(v) for k, v in metrics.items()})
+        if self.main:
+            self.hook.rlhfkit_log_metrics(stage=stage, step=step, metrics={k: float(v) for k, v in metrics.items()})
 
-    def save(self, stage: str, obj: Policy | RewardModel) -> str:
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.c.backend.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = self.c.backend.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+        return dict(zip(keys, values.tolist()))
+
+    def save(self, stage: str, obj: Policy | RewardModel, engine: Engine | None = None) -> str:
+        """Gather the (possibly sharded) weights on every rank, write a Hugging Face
+        directory atomically on rank 0, and the resumable training state beside it."""
         path = os.path.join(self.run_dir, stage)
-        with atomic_directory(path) as tmp:
-            obj.save(tmp)
+        module = getattr(obj, "model", obj)
+        with self.c.backend.gathered(module):
+            if self.main:
+                with atomic_directory(path) as tmp:
+                    obj.save(tmp)
+        if engine is not None:
+            state = os.path.join(self.run_dir, f"{stage}_state")
+            engine.save_state(state)
+        self.c.backend.barrier()
         self.paths[stage] = path
-        self.hook.rlhfkit_checkpoint_saved(stage=stage, path=path)
+        if self.main:
+            self.hook.rlhfkit_checkpoint_saved(stage=stage, path=path)
         return path
 
     @property
@@ -140,7 +161,8 @@ class Run:
             out: list[str] = []
             for i in range(0, len(flat), self.eval_cfg.batch_size):
                 with self.c.backend.autocast():
-                    out += sample(policy.model, policy.tokenizer, flat[i : i + self.eval_cfg.batch_size], rollout, self.device).responses
+                    out += sample(policy.model, policy.tokenizer, flat[i : i + self.eval_cfg.batch_size], rollout, self.device,
+                                  any_alive=any_alive_fn(self.c.backend)).responses
             return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
         return sample_fn
@@ -159,38 +181,39 @@ class Run:
         model = policy.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-        engine = backend.prepare(model, optimizer, scheduler, cfg.max_grad_norm)
+        engine = backend.prepare(model, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
         batches = _epochs(len(rows), cfg.batch_size, self.cfg.seed)
         t0, tokens = time.time(), 0
         for step in range(1, cfg.steps + 1):
-            batch = [rows[i] for i in next(batches)]
+            batch = backend.shard([rows[i] for i in next(batches)])  # this rank's share
             with backend.autocast():
                 if cfg.packing:
                     p = pack(batch, cfg.pack_length, tok.pad_token_id, cfg.mask_prompt, self.device)
-                    logits = engine(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids).logits
-                    loss = causal_lm_loss(logits, p.input_ids, p.loss_mask)
-                    tokens += int(p.position_ids.numel())
+                    ids, kw, loss_mask = p.input_ids, dict(attention_mask=p.attention_mask, position_ids=p.position_ids), p.loss_mask
                 else:
                     e = pad_rows(batch, tok.pad_token_id, self.device, cfg.mask_prompt)
-                    logits = engine(input_ids=e.input_ids, attention_mask=e.attention_mask).logits
-                    loss = causal_lm_loss(logits, e.input_ids, e.loss_mask)
-                    tokens += int(e.input_ids.numel())
+                    ids, kw, loss_mask = e.input_ids, dict(attention_mask=e.attention_mask), e.loss_mask
+                denom = dp_denominator(n_targets(loss_mask), backend.all_reduce_sum, backend.world_size)
+                loss = causal_lm_loss(engine(input_ids=ids, **kw).logits, ids, loss_mask, denom=denom)
+                tokens += int(ids.numel())
             engine.backward(loss)
             grad_norm = engine.step()
             if step % cfg.log_every == 0 or step == cfg.steps:
-                self.log("sft", step, {
+                self.log("sft", step, self.mean_over_ranks({
                     "loss/sft": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "perf/tokens_per_s": tokens / max(time.time() - t0, 1e-9),
-                })
+                    "perf/tokens_per_s": tokens / max(time.time() - t0, 1e-9) * backend.world_size,
+                }))
         model.eval()
-        self.save("sft", policy)
+        self.save("sft", policy, engine)
         return policy
 
-    def run_rm(self, sft_policy: Policy | None) -> RewardModel:
+    def run_rm(self) -> RewardModel:
         cfg, backend = self.rm_cfg, self.c.backend
         seed_everything(self.cfg.seed + 1)
-        sft_policy = sft_policy or self.c.policy.load(self.paths["sft"])
-        backend.prepare_frozen(sft_policy.model)
+        # Each stage starts from the previous stage's checkpoint on disk: that is what a
+        # stage run alone does, and the in-memory model may be sharded for training.
+        sft_policy = self.c.policy.load(self.paths["sft"])
+        sft_policy.model = backend.prepare_frozen(sft_policy.model)
         sampler = self.sampler(sft_policy, self.rl_cfg.rollout)
         train = self.c.dataset.comparisons("train", sampler)
         test = self.c.dataset.comparisons("test", sampler)
@@ -202,16 +225,17 @@ class Run:
         units = train if cfg.loss == RMLoss.kwise else _as_pairs(train)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, steps, cfg.min_lr_ratio))
-        engine = backend.prepare(rm, optimizer, scheduler, cfg.max_grad_norm)
+        engine = backend.prepare(rm, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
         batches = _epochs(len(units), cfg.batch_size, self.cfg.seed + 1)
         for step in range(1, steps + 1):
-            batch = [units[i] for i in next(batches)]
+            batch = backend.shard([units[i] for i in next(batches)])
             with backend.autocast():
                 loss, acc = self._rm_loss(engine, tok, batch)
             engine.backward(loss)
             grad_norm = engine.step()
             if step % cfg.log_every == 0 or step == steps:
-                self.log("rm", step, {"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
+                self.log("rm", step, self.mean_over_ranks(
+                    {"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}))
         rm.eval()
         metrics = {"rm/accuracy": self.rm_accuracy(rm, tok, test)}
         if cfg.normalize:
@@ -220,21 +244,27 @@ class Run:
             rm.set_bias(bias)
             metrics["rm/bias"] = bias
         self.log("rm", steps, metrics)
-        self.save("rm", rm)
+        self.save("rm", rm, engine)
         return rm
 
     def _rm_loss(self, model, tok, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss over this rank's share of the batch, normalised so that the average
+        over ranks is the loss over the whole batch."""
+        backend = self.c.backend
         if self.rm_cfg.loss == RMLoss.kwise:
             prompts = [c.prompt for c in batch for _ in c.responses]
             responses = [r for c in batch for r in c.responses]
             e = encode_pairs(tok, prompts, responses, self.device)
             rewards = model(e.input_ids, e.attention_mask)  # (sum K,) each completion once
             win, lose, group = comparison_pairs([c.scores for c in batch])
-            return kwise_loss(rewards, win, lose, group, len(batch))
+            n_with_pairs = float(len(set(group.tolist())))
+            denom = dp_denominator(n_with_pairs, backend.all_reduce_sum, backend.world_size)
+            return kwise_loss(rewards, win, lose, group, len(batch), denom=denom)
         prompts = [p for p, _, _ in batch] * 2
         e = encode_pairs(tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], self.device)
         rewards = model(e.input_ids, e.attention_mask)
-        return pairwise_loss(rewards[: len(batch)], rewards[len(batch) :])
+        denom = dp_denominator(float(len(batch)), backend.all_reduce_sum, backend.world_size)
+        return pairwise_loss(rewards[: len(batch)], rewards[len(batch) :], denom=denom)
 
     @torch.no_grad()
     def _scores(self, rm: RewardModel, tok, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -259,18 +289,18 @@ class Run:
         win, lose, _ = comparison_pairs([c.scores for c in comparisons])
         return float((rewards[win] > rewards[lose]).float().mean())
 
-    def run_rl(self, rm: RewardModel | None) -> tuple[Policy, PreferenceOptimizer]:
+    def run_rl(self) -> tuple[Policy, PreferenceOptimizer]:
         cfg, backend = self.rl_cfg, self.c.backend
         seed_everything(self.cfg.seed + 2)
         policy = self.c.policy.load(self.paths["sft"])
         reference = self.c.policy.load(self.paths["sft"])
-        backend.prepare_frozen(reference.model)
-        rm = rm if rm is not None else self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
-        backend.prepare_frozen(rm)
+        reference.model = backend.prepare_frozen(reference.model)
+        # from disk, not the RM stage's object: under ZeRO-3 that one is sharded for training
+        rm = backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
         demos = self.c.dataset.sft_examples("train")
 
         def make_critic() -> RewardModel:
-            critic = copy.deepcopy(rm)
+            critic = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
             critic.requires_grad_(True)
             return critic
 
@@ -285,7 +315,7 @@ class Run:
         eval_prompts = self.eval_prompts()
         for step in range(1, cfg.steps + 1):
             t0 = time.time()
-            metrics = algorithm.step([prompts[i] for i in next(batches)])
+            metrics = self.mean_over_ranks(algorithm.step([prompts[i] for i in next(batches)]))
             metrics["perf/step_s"] = time.time() - t0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.log("rl", step, metrics)
@@ -293,7 +323,7 @@ class Run:
                 result = self.evaluate(policy, reference, rm, eval_prompts)
                 self.log("rl", step, {f"eval/{k}": v for k, v in result.metrics.items()})
         policy.model.eval()
-        self.save("rl", policy)
+        self.save("rl", policy, getattr(algorithm, "policy", None))
         return policy, algorithm
 
     # -- evaluation -----------------------------------------------------------------------
@@ -313,7 +343,8 @@ class Run:
         bs = self.eval_cfg.batch_size
         for i in range(0, len(prompts), bs):
             with self.c.backend.autocast():
-                r = sample(policy.model, policy.tokenizer, prompts[i : i + bs], rollout_cfg, self.device)
+                r = sample(policy.model, policy.tokenizer, prompts[i : i + bs], rollout_cfg, self.device,
+                           any_alive=any_alive_fn(self.c.backend))
                 logp = policy_logprobs(policy.model, r, rollout_cfg.temperature)
                 ref = policy_logprobs(reference.model, r, rollout_cfg.temperature)
                 if rm is not None:
@@ -338,11 +369,14 @@ class Run:
 
     def __call__(self) -> dict[str, Any]:
         os.makedirs(self.run_dir, exist_ok=True)
-        atomic_write_text(os.path.join(self.run_dir, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True))
-        for i, lg in enumerate(self.c.loggers):
+        loggers = self.c.loggers if self.main else []  # lifecycle hooks run on rank 0 only
+        if self.main:
+            atomic_write_text(os.path.join(self.run_dir, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True))
+        for i, lg in enumerate(loggers):
             self.plugins.register(lg, name=f"rlhfkit-run-logger-{id(self)}-{i}")
         summary: dict[str, Any] = {"status": "failed"}
-        self.hook.rlhfkit_run_start(run_dir=self.run_dir, config=OmegaConf.to_container(self.cfg, resolve=True))
+        if self.main:
+            self.hook.rlhfkit_run_start(run_dir=self.run_dir, config=OmegaConf.to_container(self.cfg, resolve=True))
         try:
             summary = self._stages()
             summary["status"] = "ok"
@@ -350,50 +384,52 @@ class Run:
             summary["error"] = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.hook.rlhfkit_run_end(run_dir=self.run_dir, summary=summary)
-            for lg in self.c.loggers:
+            if self.main:
+                self.hook.rlhfkit_run_end(run_dir=self.run_dir, summary=summary)
+            for lg in loggers:
                 self.plugins.pm.unregister(lg)
         return summary
 
     def _stages(self) -> dict[str, Any]:
-        stages, sft, rm = self.cfg.stages, None, None
+        stages = self.cfg.stages
         t0 = time.time()
         timings: dict[str, float] = {}
         if "sft" in stages:
-            sft = self.run_sft()
+            self.run_sft()
             timings["sft"] = time.time() - t0
         if "rm" in stages:
             t = time.time()
-            rm = self.run_rm(sft)
+            self.run_rm()
             timings["rm"] = time.time() - t
         rl_policy = None
         if "rl" in stages:
             t = time.time()
-            rl_policy, _ = self.run_rl(rm)
+            rl_policy, _ = self.run_rl()
             timings["rl"] = time.time() - t
         t = time.time()
-        table = self.final_evaluation(sft, rm, rl_policy)
+        table = self.final_evaluation(rl_policy)
         timings["eval"] = time.time() - t
         table["seconds"] = {**timings, "total": time.time() - t0}
-        atomic_write_text(os.path.join(self.run_dir, "eval.json"), json.dumps(table, indent=2))
-        print(format_table(table), flush=True)
+        if self.main:
+            atomic_write_text(os.path.join(self.run_dir, "eval.json"), json.dumps(table, indent=2))
+            print(format_table(table), flush=True)
         return table
 
-    def final_evaluation(self, sft: Policy | None, rm: RewardModel | None, rl_policy: Policy | None) -> dict[str, Any]:
+    def final_evaluation(self, rl_policy: Policy | None) -> dict[str, Any]:
         """Evaluate the SFT policy and (if trained) the RL policy on the same held-out prompts."""
-        if sft is None:
-            sft = self.c.policy.load(self.paths["sft"])
-        self.c.backend.prepare_frozen(sft.model)
-        if rm is None and os.path.isdir(self.paths["rm"]):
-            rm = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
-        if rm is not None:
-            self.c.backend.prepare_frozen(rm)
+        # fresh from the checkpoints: the stages' own objects may be sharded for training
+        sft = self.c.policy.load(self.paths["sft"])
+        sft.model = self.c.backend.prepare_frozen(sft.model)
+        rm = None
+        if os.path.isdir(self.paths["rm"]):
+            rm = self.c.backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
         prompts = self.eval_prompts()
         table: dict[str, Any] = {"num_prompts": len(prompts), "policies": {}}
         base = self.evaluate(sft, sft, rm, prompts)
         table["policies"]["sft"] = base.metrics
         self.log("eval", 0, {f"sft/{k}": v for k, v in base.metrics.items()})
-        self.hook.rlhfkit_log_samples(stage="sft", step=0, rows=base.rows(self.eval_cfg.num_samples_logged))
+        if self.main:
+            self.hook.rlhfkit_log_samples(stage="sft", step=0, rows=base.rows(self.eval_cfg.num_samples_logged))
         if rl_policy is not None:
             res = self.evaluate(rl_policy, sft, rm, prompts)
             table["policies"]["rl"] = res.metrics
@@ -406,7 +442,8 @@ class Run:
                     table["gold_improvement"] = res.metrics["gold"] - base.metrics["gold"]
             self.log("eval", 0, {f"rl/{k}": v for k, v in res.metrics.items()} | {
                 k: table[k] for k in ("win_rate", "tie_rate", "gold_improvement") if k in table})
-            self.hook.rlhfkit_log_samples(stage="rl", step=0, rows=res.rows(self.eval_cfg.num_samples_logged))
+            if self.main:
+                self.hook.rlhfkit_log_samples(stage="rl", step=0, rows=res.rows(self.eval_cfg.num_samples_logged))
         return table
 
 

@@ -4,6 +4,8 @@ statistics, GAE, the KL penalty and KL controllers. Shapes are in the comments."
 from __future__ import annotations
 
 import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +27,22 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, denom: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean over valid positions. ``denom`` replaces the local count: under data
+    parallelism pass :func:`dp_denominator` so that averaging gradients over ranks gives the
+    mean over every rank's tokens, exactly as one process would."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def dp_denominator(count: torch.Tensor | float, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None, world_size: int) -> torch.Tensor:
+    """global count / world size: the per-rank denominator that makes the rank-average of
+    per-rank losses (what DDP and ZeRO average) equal the global mean."""
+    count = torch.as_tensor(count, dtype=torch.float32)
+    if all_reduce_sum is None or world_size == 1:
+        return count.clamp(min=1)
+    return (all_reduce_sum(count.clone()) / world_size).clamp(min=1e-8)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,10 +52,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)  # unbiased
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalise to unit variance over the valid positions (and zero mean if
-    ``shift_mean``). Invalid positions come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    ``shift_mean``). Invalid positions come back as 0. With ``all_reduce_sum``, the
+    statistics are over every rank's positions (the whole global batch)."""
+    if all_reduce_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = all_reduce_sum(mask.sum().float())
+        mean = all_reduce_sum((x * mask).sum().float()) / n.clamp(min=1)
+        var = all_reduce_sum((((x - mean) ** 2) * mask).sum().float()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -88,26 +111,28 @@ def kl_penalised_rewards(
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    denom: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped value loss (the "N+ details" #9): max of the squared errors of the new
     value and of the old value moved at most ``clip``. Returns (loss, clip fraction)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss1 = (values - returns) ** 2
     loss2 = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss1, loss2), mask)
+    loss = 0.5 * masked_mean(torch.max(loss1, loss2), mask, denom=denom)
     return loss, masked_mean((loss2 > loss1).float(), mask)
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+    denom: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO eq. 7 (clipped surrogate), negated as a loss. With ratio = 1 it equals
     ``-mean(advantages)``."""
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     loss1 = -advantages * ratio
     loss2 = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(loss1, loss2), mask)
+    loss = masked_mean(torch.max(loss1, loss2), mask, denom=denom)
     stats = {
         "ratio": masked_mean(ratio, mask),
         "clipfrac": masked_mean((loss2 > loss1).float(), mask),

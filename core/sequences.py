@@ -14,7 +14,7 @@ Layouts
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,12 +125,20 @@ def pack(
     return Packed(input_ids.to(device), attn.to(device), pos.to(device), loss_mask.to(device))
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over target positions. logits (B, L, V)."""
+def causal_lm_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, denom: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over target positions. logits (B, L, V). ``denom``
+    replaces the local target count (see :func:`rlhfkit.rl.dp_denominator`)."""
     targets = input_ids[:, 1:]
     mask = loss_mask[:, 1:].float()
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view_as(mask) * mask).sum() / mask.sum().clamp(min=1)
+    return (nll.view_as(mask) * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+
+
+def n_targets(loss_mask: torch.Tensor) -> torch.Tensor:
+    """How many positions :func:`causal_lm_loss` averages over."""
+    return loss_mask[:, 1:].sum().float()
 
 
 # --- rollouts ------------------------------------------------------------------------
@@ -170,17 +178,40 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities, (B,) uniforms -> (B,) token ids: the first token whose CDF
+    reaches u. Same distribution as multinomial, but a token depends only on its own
+    uniform, so a row samples the same whatever batch or rank it is in."""
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return tok.clamp(max=probs.shape[-1] - 1)
+
+
+def draw_uniforms(n_rows: int, max_new_tokens: int) -> torch.Tensor:
+    """(n_rows, T) uniforms from the global RNG. Draw them for the *global* batch on every
+    rank (same seed, same stream) and hand each rank its rows: sampling is then independent
+    of the world size."""
+    return torch.rand(n_rows, max_new_tokens)
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device,
-    greedy: bool = False,
+    greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Batched sampling with a KV cache. Stops once every sequence has produced EOS. The
     logprob of each sampled token comes out of the same forward pass, at the sampling
-    temperature and before top-k/top-p filtering (the distribution the trainer scores)."""
+    temperature and before top-k/top-p filtering (the distribution the trainer scores).
+
+    ``uniforms`` (B, max_new_tokens) drive the sampling (drawn here if None). Under sharded
+    models (ZeRO-3) every rank must run the same number of forward passes: ``any_alive``
+    turns this rank's "still generating" into "any rank still generating"."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = ids.shape
+    if uniforms is None:
+        uniforms = draw_uniforms(B, cfg.max_new_tokens)
+    uniforms = uniforms.to(device)
     mask = prompt_mask
     pos = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -188,20 +219,23 @@ def sample(
     next_pos = pos[:, -1] + 1
     alive = torch.ones(B, dtype=torch.bool, device=device)
     tokens, logps, valid = [], [], []
-    for _ in range(cfg.max_new_tokens):
+    for t in range(cfg.max_new_tokens):
         scaled = logits.float() / cfg.temperature
         logp_all = F.log_softmax(scaled, dim=-1)
         if greedy:
             tok = scaled.argmax(-1)
         else:
-            tok = torch.multinomial(_filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1), 1).squeeze(-1)
+            tok = _inverse_cdf(_filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1), uniforms[:, t])
         logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
         tok = torch.where(alive, tok, torch.full_like(tok, pad))
         tokens.append(tok)
         logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
         valid.append(alive.clone())
         alive = alive & (tok != eos)
-        if not alive.any():
+        still = bool(alive.any())
+        if any_alive is not None:
+            still = any_alive(still)
+        if not still or t == cfg.max_new_tokens - 1:
             break
         mask = torch.cat([mask, valid[-1].long()[:, None]], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=past, use_cache=True)

@@ -16,7 +16,7 @@ from rlhfkit.experience import collect, critic_values, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
-    kl_controller, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
+    kl_controller, dp_denominator, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
     masked_mean, masked_whiten,
 )
 from rlhfkit.sequences import response_logits
@@ -46,13 +46,13 @@ class A2CConfig:
     max_grad_norm: float = 1.0
 
 
-def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
     """Policy gradient with a learned baseline: -E[A_t log pi(y_t)] over response tokens."""
-    return -masked_mean(advantages * logprobs, mask)
+    return -masked_mean(advantages * logprobs, mask, denom=denom)
 
 
-def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return 0.5 * masked_mean((values - returns) ** 2, mask)
+def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
+    return 0.5 * masked_mean((values - returns) ** 2, mask, denom=denom)
 
 
 class A2C:
@@ -73,32 +73,35 @@ class A2C:
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.time()
-        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)
+        backend = ctx.backend
+        reduce = backend.all_reduce_sum if backend.world_size > 1 else None
+        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)  # this rank's share
         t_rollout = time.time() - t0
         mask = exp.mask
         rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)
         advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        B = len(prompts)
+            advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)
+        B = mask.shape[0]
         mb = max(1, B // cfg.num_minibatches)
         stats = []
         for start in range(0, B - mb + 1, mb):  # one pass: every sample is used once
             idx = torch.arange(start, start + mb)
             sub, m = exp.select(idx), mask[idx]
+            denom = dp_denominator(m.sum(), reduce, backend.world_size)
             with ctx.backend.autocast():
                 logits = response_logits(self.policy, sub.rollout)
                 logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
                 entropy = masked_mean(entropy_from_logits(logits, ctx.rollout.temperature), m)
-                pg_loss = a2c_policy_loss(logprobs, advantages[idx], m)
-                vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[idx], m)
+                pg_loss = a2c_policy_loss(logprobs, advantages[idx], m, denom)
+                vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[idx], m, denom)
             self.policy.backward(pg_loss - cfg.entropy_coef * entropy)
             self.value.backward(cfg.vf_coef * vf_loss)
             grad_norm = self.policy.step()
             self.value.step()
             stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(), "grad_norm": grad_norm})
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
-        self.kl.update(metrics["rollout/kl"], B)
+        self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts))
         out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         out.update(metrics)
         out["perf/update_s"] = time.time() - t0 - t_rollout

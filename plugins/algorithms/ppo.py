@@ -16,13 +16,13 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, rollout_metrics
-from rlhfkit.interfaces import RLContext
+from rlhfkit.interfaces import Backend, RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
-    kl_controller, clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
+    kl_controller, clipped_policy_loss, dp_denominator, clipped_value_loss, entropy_from_logits, gae,
     kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten,
 )
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, response_logits
+from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits
 
 
 @dataclass
@@ -70,10 +70,13 @@ def policy_objective(pg_loss: torch.Tensor, ptx_loss: torch.Tensor | None, ptx_c
     return pg_loss if ptx_loss is None else pg_loss + ptx_coef * ptx_loss
 
 
-def sft_batch_loss(model: torch.nn.Module, tokenizer: Any, examples, device) -> torch.Tensor:
-    e = encode_pairs(tokenizer, [x.prompt for x in examples], [x.response for x in examples], device)
+def sft_batch_loss(model: torch.nn.Module, tokenizer: Any, examples, backend: Backend) -> torch.Tensor:
+    """The SFT loss on this rank's share of ``examples``, averaged over the whole batch."""
+    mine = backend.shard(examples)
+    e = encode_pairs(tokenizer, [x.prompt for x in mine], [x.response for x in mine], backend.device)
     logits = model(input_ids=e.input_ids, attention_mask=e.attention_mask).logits
-    return causal_lm_loss(logits, e.input_ids, e.loss_mask)
+    denom = dp_denominator(n_targets(e.loss_mask), backend.all_reduce_sum, backend.world_size)
+    return causal_lm_loss(logits, e.input_ids, e.loss_mask, denom=denom)
 
 
 class PPO:
@@ -87,6 +90,9 @@ class PPO:
     def setup(self, ctx: RLContext) -> None:
         cfg = self.cfg
         self.ctx = ctx
+        # Minibatch shuffling draws from its own stream: the global RNG drives sampling and
+        # must advance the same way whatever the world size (see rlhfkit.experience.collect).
+        self.shuffle = torch.Generator().manual_seed(torch.initial_seed())
         disable_dropout(ctx.policy.model)
         self.critic = ctx.make_critic()  # InstructGPT: value model initialised from the RM
         self.policy = ctx.backend.prepare(
@@ -101,35 +107,39 @@ class PPO:
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.time()
-        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)
+        backend = ctx.backend
+        reduce = backend.all_reduce_sum if backend.world_size > 1 else None
+        exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)  # this rank's share
         t_rollout = time.time() - t0
         mask = exp.mask  # (B, R)
         rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)
         advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)  # over the global batch
 
-        B = len(prompts)
+        B = mask.shape[0]
         mb = max(1, B // cfg.num_minibatches)
         T = ctx.rollout.temperature
         self.minibatch_stats = []
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B)
+            perm = torch.randperm(B, generator=self.shuffle)
             for start in range(0, B - mb + 1, mb):
                 idx = perm[start : start + mb]
                 sub = exp.select(idx)
                 m = mask[idx]
+                # losses average over every rank's tokens in this minibatch
+                denom = dp_denominator(m.sum(), reduce, backend.world_size)
                 with ctx.backend.autocast():
                     logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
                     logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
-                    pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[idx], m, cfg.clip_eps)
+                    pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[idx], m, cfg.clip_eps, denom=denom)
                     entropy = masked_mean(entropy_from_logits(logits, T), m)
                     ptx_loss = None
                     if cfg.ptx_coef > 0:
-                        ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], ctx.backend.device)
+                        ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], backend)
                     loss = policy_objective(pg_loss - cfg.entropy_coef * entropy, ptx_loss, cfg.ptx_coef)
                     values = critic_values(self.value, sub.rollout).float()
-                    vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[idx], m, cfg.vf_clip)
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[idx], m, cfg.vf_clip, denom=denom)
                 self.policy.backward(loss)
                 self.value.backward(cfg.vf_coef * vf_loss)
                 grad_norm = self.policy.step()
@@ -145,7 +155,8 @@ class PPO:
                 })
 
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
-        self.kl.update(metrics["rollout/kl"], B)
+        global_kl = float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"])))
+        self.kl.update(global_kl, len(prompts))
         out = {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in self.minibatch_stats[0]}
         out.update(metrics)
         out["reward/total"] = (rewards * mask).sum(-1).mean().item()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
+from rlhfkit.plugins.backends.common import LocalEngine
 
 
 @dataclass
@@ -20,39 +21,10 @@ class SingleConfig:
     """fp32, or bf16 (autocast the forward passes; weights and optimizer stay fp32)."""
 
 
-class LocalEngine:
-    """A model, its optimizer and scheduler, trained in this process."""
-
-    def __init__(self, module, optimizer, scheduler, max_grad_norm):
-        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
-        self.max_grad_norm = max_grad_norm
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        limit = self.max_grad_norm if self.max_grad_norm else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class SingleDevice:
@@ -73,7 +45,7 @@ class SingleDevice:
     def is_main(self) -> bool:
         return True
 
-    def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None) -> LocalEngine:
+    def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None, batch_size=None) -> LocalEngine:
         model.to(self.device).train()
         return LocalEngine(model, optimizer, scheduler, max_grad_norm)
 
@@ -82,15 +54,25 @@ class SingleDevice:
         return model
 
     def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.cfg.precision)
 
     def barrier(self) -> None:
         pass
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        return list(items)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        return list(items)
+
+    def gathered(self, module: torch.nn.Module):
+        return contextlib.nullcontext()
 
 
 @hookimpl

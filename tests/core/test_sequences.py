@@ -68,3 +68,32 @@ def test_prompt_masking(tiny_policy):
     # prompt is 4 tokens; targets are "a b <eos>"
     assert e.loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert e.input_ids[0, -1].item() == tok.eos_token_id
+
+
+def test_sampling_is_independent_of_batch_composition(tiny_policy):
+    from rlhfkit.sequences import draw_uniforms
+
+    model, tok = tiny_policy.model.eval(), tiny_policy.tokenizer
+    prompts = ["copy a b c =", "sort d c b a e =", "reverse a b =", "count a in a b a ="]
+    cfg = RolloutConfig(max_new_tokens=6)
+    torch.manual_seed(3)
+    u = draw_uniforms(len(prompts), cfg.max_new_tokens)
+    whole = sample(model, tok, prompts, cfg, torch.device("cpu"), uniforms=u)
+    halves = [sample(model, tok, prompts[i : i + 2], cfg, torch.device("cpu"), uniforms=u[i : i + 2]) for i in (0, 2)]
+    assert whole.responses == halves[0].responses + halves[1].responses
+
+
+def test_decoding_continues_while_any_rank_is_alive(tiny_policy):
+    """Under ZeRO-3 a rank whose sequences all ended must keep running forward passes
+    while another rank still decodes; any_alive carries the other ranks' answer."""
+    model, tok = tiny_policy.model.eval(), tiny_policy.tokenizer
+    calls = []
+    orig = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    cfg = RolloutConfig(max_new_tokens=6)
+    r = sample(model, tok, ["copy a ="], cfg, torch.device("cpu"), greedy=True, any_alive=lambda local: True)
+    assert len(calls) == cfg.max_new_tokens  # prefill + one per remaining step: never stopped early
+    calls.clear()
+    sample(model, tok, ["copy a ="], cfg, torch.device("cpu"), greedy=True, any_alive=lambda local: False)
+    assert len(calls) == 1
+    assert r.response_mask.shape[1] == cfg.max_new_tokens

@@ -45,3 +45,20 @@ def test_bad_config():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
             SingleDevice(SingleConfig(device="cuda"))
+
+
+def test_training_state_round_trip(tmp_path):
+    backend = SingleDevice(SingleConfig(device="cpu"))
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    engine = backend.prepare(model, opt, sched)
+    engine.backward(model(torch.ones(1, 2)).sum())
+    engine.step()
+    engine.save_state(str(tmp_path))
+    fresh_opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+    fresh = backend.prepare(model, fresh_opt, fresh_sched)
+    fresh.load_state(str(tmp_path))
+    assert fresh_opt.state_dict()["state"][0]["step"].item() == 1
+    assert fresh_sched.get_last_lr() == sched.get_last_lr() == [0.05]

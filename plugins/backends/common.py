@@ -1,0 +1,92 @@
+"""Pieces the built-in backends share: the local engine and torch.distributed helpers.
+Functions and one small engine class, not a backend base class."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "engine_state.pt"
+
+
+class LocalEngine:
+    """A model, its optimizer and scheduler, stepped in this process. ``forward`` may be a
+    wrapper of ``module`` (DistributedDataParallel) that syncs gradients."""
+
+    def __init__(self, module, optimizer, scheduler, max_grad_norm, forward=None, is_main: bool = True):
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+        self._forward = forward if forward is not None else module
+        self._is_main = is_main
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        limit = self.max_grad_norm if self.max_grad_norm else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_state(self, path: str) -> None:
+        if self._is_main:  # replicated state: one copy is enough
+            os.makedirs(path, exist_ok=True)
+            torch.save(self.state_dict(), os.path.join(path, STATE_FILE))
+
+    def load_state(self, path: str) -> None:
+        self.load_state_dict(torch.load(os.path.join(path, STATE_FILE), weights_only=True))
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    n = len(items)
+    return list(items[rank * n // world_size : (rank + 1) * n // world_size])
+
+
+def init_distributed(dist_backend: str) -> tuple[int, int, int]:
+    """Join (or start) the process group that torchrun/deepspeed describe in the
+    environment; a plain ``python`` launch becomes a group of one. Returns (rank,
+    world_size, local_rank)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # launched without torchrun: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        if dist_backend == "auto":
+            dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=dist_backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_objects(items: list[Any], world_size: int) -> list[Any]:
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]

@@ -1,0 +1,84 @@
+"""``backend=ddp``: torch DistributedDataParallel, one process per device.
+
+Launch with ``torchrun --nproc_per_node=N -m rlhfkit.cli backend=ddp ...``. Each rank
+trains on its share of every global batch; gradients are averaged by DDP, and the losses
+are normalised by the global token count, so N ranks follow one process's trajectory.
+Frozen models (reference, reward) are replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rlhfkit import hookimpl
+from rlhfkit.errors import ConfigError
+from rlhfkit.plugins.backends import common
+from rlhfkit.plugins.backends.single import autocast_for
+
+
+@dataclass
+class DDPConfig:
+    dist_backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast."""
+    find_unused_parameters: bool = False
+    """Pass to DistributedDataParallel (only for models with branches unused per step)."""
+
+
+class DDPBackend:
+    def __init__(self, cfg: DDPConfig):
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"backend.precision={cfg.precision!r}: choose fp32 or bf16.")
+        self.cfg = cfg
+        self.rank, self.world_size, local_rank = common.init_distributed(cfg.dist_backend)
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None, batch_size=None) -> common.LocalEngine:
+        model.to(self.device).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.find_unused_parameters,
+        )
+        return common.LocalEngine(model, optimizer, scheduler, max_grad_norm, forward=ddp, is_main=self.is_main)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device).eval().requires_grad_(False)
+        return model
+
+    def autocast(self):
+        return autocast_for(self.device, self.cfg.precision)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return common.all_reduce_sum(value)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return common.all_reduce_sum(value) / self.world_size
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        return common.shard(items, self.rank, self.world_size)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        return common.gather_objects(items, self.world_size)
+
+    def gathered(self, module: torch.nn.Module):
+        return contextlib.nullcontext()  # replicated: every rank holds the full weights
+
+
+@hookimpl
+def rlhfkit_register_backends(register):
+    register("ddp", DDPBackend, DDPConfig)
