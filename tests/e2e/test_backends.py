@@ -31,7 +31,7 @@ def torchrun(args, cwd, nproc=2):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **ENV}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--standalone", f"--nproc_per_node={nproc}",
            "-m", "rlhfkit.cli", *args]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
