@@ -90,3 +90,30 @@ def gather_objects(items: list[Any], world_size: int) -> list[Any]:
     parts: list[Any] = [None] * world_size
     dist.all_gather_object(parts, items)
     return [x for p in parts for x in p]
+
+
+class Collectives:
+    """The Backend Protocol's collectives over torch.distributed, for backends whose
+    ``rank`` and ``world_size`` attributes describe an initialised process group."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(value)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(value) / self.world_size
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        return shard(items, self.rank, self.world_size)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        return gather_objects(items, self.world_size)

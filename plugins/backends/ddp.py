@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
@@ -31,7 +29,7 @@ class DDPConfig:
     """Pass to DistributedDataParallel (only for models with branches unused per step)."""
 
 
-class DDPBackend:
+class DDPBackend(common.Collectives):
     def __init__(self, cfg: DDPConfig):
         if cfg.precision not in ("fp32", "bf16"):
             raise ConfigError(f"backend.precision={cfg.precision!r}: choose fp32 or bf16.")
@@ -40,10 +38,6 @@ class DDPBackend:
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None, batch_size=None) -> common.LocalEngine:
         model.to(self.device).train()
@@ -59,21 +53,6 @@ class DDPBackend:
 
     def autocast(self):
         return autocast_for(self.device, self.cfg.precision)
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return common.all_reduce_sum(value)
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return common.all_reduce_sum(value) / self.world_size
-
-    def shard(self, items: Sequence[Any]) -> list[Any]:
-        return common.shard(items, self.rank, self.world_size)
-
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        return common.gather_objects(items, self.world_size)
 
     def gathered(self, module: torch.nn.Module):
         return contextlib.nullcontext()  # replicated: every rank holds the full weights

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -111,7 +111,7 @@ class DeepSpeedEngineAdapter:
         self.engine.load_checkpoint(path, tag="state", load_module_strict=True)
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(common.Collectives):
     def __init__(self, cfg: DeepSpeedConfig):
         import deepspeed
 
@@ -138,10 +138,6 @@ class DeepSpeedBackend:
         self.device = torch.device(get_accelerator().current_device_name())
         self.precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None, batch_size=None) -> DeepSpeedEngineAdapter:
         import deepspeed
 
@@ -164,21 +160,6 @@ class DeepSpeedBackend:
 
     def autocast(self):
         return autocast_for(self.device, "fp32")  # DeepSpeed casts itself when bf16 is enabled
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return common.all_reduce_sum(value)
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return common.all_reduce_sum(value) / self.world_size
-
-    def shard(self, items: Sequence[Any]) -> list[Any]:
-        return common.shard(items, self.rank, self.world_size)
-
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        return common.gather_objects(items, self.world_size)
 
     def gathered(self, module: torch.nn.Module):
         params = [p for p in module.parameters() if hasattr(p, "ds_id")]
