@@ -5,7 +5,7 @@ goes) twice, differing only in the KL coefficient: 0 and ``--kl-coef``. Prints g
 summary: where gold peaked, how far it fell, whether proxy kept rising, and the largest KL
 each run reached. Measurements only; nothing is asserted.
 
-    python benchmarks/overoptimization.py [--kl-coef 0.05] [--seed 0] [-- overrides]
+    python benchmarks/overoptimization.py [--kl-coef 0.1] [--seed 0] [-- overrides]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def summarise(name: str, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kl-coef", type=float, default=0.05, help="the KL coefficient of the second run")
+    ap.add_argument("--kl-coef", type=float, default=0.1, help="the KL coefficient of the second run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write both curves as JSON here")
     ap.add_argument("overrides", nargs="*")

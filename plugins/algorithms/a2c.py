@@ -28,7 +28,7 @@ class A2CConfig:
     """Policy learning rate (Adam)."""
     critic_lr: float = 1e-4
     """Value model learning rate."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """Per-token KL penalty to the SFT policy (initial value if adaptive)."""
     adaptive_kl: bool = False
     target_kl: float = 1.0

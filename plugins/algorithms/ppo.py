@@ -31,7 +31,7 @@ class PPOConfig:
     """Policy learning rate (Adam)."""
     critic_lr: float = 1e-4
     """Value model learning rate."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """beta in InstructGPT eq. 2: the per-token KL penalty (initial value if adaptive)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""

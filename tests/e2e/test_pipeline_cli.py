@@ -101,3 +101,9 @@ def test_pairwise_rm_loss_and_llama_policy(tmp_path):
     cfg = json.load(open(os.path.join(run_dir, "sft", "config.json")))
     assert cfg["model_type"] == "llama"
     assert any(row["stage"] == "rm" and "loss/rm" in row for row in _metrics(run_dir))
+
+
+def test_rloo_from_the_cli(tmp_path):
+    run_dir = str(tmp_path / "rloo")
+    _ok(run_cli(SMOKE + ["algorithm=rloo", "algorithm.rloo_k=2", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path)))
+    assert any(row["stage"] == "rl" and "rloo/advantage_std" in row for row in _metrics(run_dir))

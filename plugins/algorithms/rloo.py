@@ -1,0 +1,110 @@
+"""``algorithm=rloo``: REINFORCE Leave-One-Out (Ahmadian et al. 2024). Critic-free: k
+responses per prompt, each one's baseline is the mean reward of the other k - 1. It never
+asks the context for a value model, which is the point: critic-free algorithms need no
+change to the core."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from rlhfkit import hookimpl
+from rlhfkit.errors import ConfigError
+from rlhfkit.experience import collect, rollout_metrics
+from rlhfkit.interfaces import RLContext
+from rlhfkit.plugins.policies.hf import disable_dropout
+from rlhfkit.rl import dp_denominator, kl_controller, logprobs_from_logits, masked_sum
+from rlhfkit.sequences import response_logits
+
+
+@dataclass
+class RLOOConfig:
+    rloo_k: int = 4
+    """Responses sampled per prompt (the baseline of each is the mean of the others)."""
+    lr: float = 1e-4
+    """Policy learning rate (Adam)."""
+    kl_coef: float = 0.1
+    """Sequence-level KL penalty to the SFT policy, folded into each response's reward."""
+    adaptive_kl: bool = False
+    target_kl: float = 1.0
+    kl_horizon: int = 10000
+    num_minibatches: int = 1
+    """Gradient steps per rollout, each on disjoint groups (one pass: on-policy)."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score for responses without EOS (null: RM score)."""
+    max_grad_norm: float = 1.0
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(G * k,) rewards, grouped by prompt -> r_i - mean_{j != i} r_j."""
+    r = rewards.view(-1, k)
+    baseline = (r.sum(-1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).view(-1)
+
+
+class RLOO:
+    def __init__(self, cfg: RLOOConfig):
+        if cfg.rloo_k < 2:
+            raise ConfigError("algorithm.rloo_k must be >= 2: the baseline needs the other responses.")
+        if cfg.num_minibatches < 1:
+            raise ConfigError("algorithm.num_minibatches must be >= 1.")
+        self.cfg = cfg
+        self.kl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
+
+    def setup(self, ctx: RLContext) -> None:
+        self.ctx = ctx
+        disable_dropout(ctx.policy.model)
+        model = ctx.policy.model
+        self.policy = ctx.backend.prepare(model, torch.optim.Adam(model.parameters(), lr=self.cfg.lr), None, self.cfg.max_grad_norm)
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        cfg, ctx, backend = self.cfg, self.ctx, self.ctx.backend
+        k = cfg.rloo_k
+        if len(prompts) % backend.world_size:
+            raise ConfigError("rl.prompts_per_step must be a multiple of the world size for rloo (groups stay on one rank).")
+        t0 = time.time()
+        # k copies of each prompt, adjacent: contiguous sharding keeps every group on one rank
+        exp = collect(ctx, [p for p in prompts for _ in range(k)], missing_eos_penalty=cfg.missing_eos_penalty)
+        t_rollout = time.time() - t0
+        mask = exp.mask
+        kl = (exp.logprobs - exp.ref_logprobs) * mask  # (B, R)
+        rewards = exp.scores - self.kl.value * kl.sum(-1)  # (B,) sequence-level
+        advantages = leave_one_out_advantages(rewards, k)
+        groups = mask.shape[0] // k
+        per_step = max(1, groups // cfg.num_minibatches)
+        reduce = backend.all_reduce_sum if backend.world_size > 1 else None
+        losses = []
+        for g in range(0, groups - per_step + 1, per_step):
+            idx = torch.arange(g * k, (g + per_step) * k)
+            sub = exp.select(idx)
+            with backend.autocast():
+                logits = response_logits(self.policy, sub.rollout)
+                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                seq_logprobs = masked_sum(logprobs, sub.mask, dim=-1)  # (b,)
+                denom = dp_denominator(float(len(idx)), reduce, backend.world_size)
+                loss = -(advantages[idx] * seq_logprobs).sum() / denom
+            self.policy.backward(loss)
+            grad_norm = self.policy.step()
+            losses.append(loss.item())
+        metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
+        self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts) * k)
+        metrics.update({
+            "loss/policy": sum(losses) / len(losses), "grad_norm": grad_norm,
+            "rloo/advantage_std": advantages.std().item(), "perf/update_s": time.time() - t0 - t_rollout,
+        })
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.policy.load_state_dict(state["policy"])
+
+
+@hookimpl
+def rlhfkit_register_algorithms(register):
+    register("rloo", RLOO, RLOOConfig)
