@@ -177,7 +177,10 @@ class Backend(Protocol):
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         max_grad_norm: float | None = None,
-    ) -> Engine: ...
+        batch_size: int | None = None,
+    ) -> Engine:
+        """Wrap a model for training. ``batch_size`` is the global batch of one optimizer
+        step (backends that need it, like DeepSpeed, derive their batch settings)."""
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """An inference-only model (reference policy, reward model): no grads, eval mode."""
