@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -55,3 +55,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def save_training_state(path: str, engines: dict[str, Any], scalars: dict[str, Any], is_main: bool) -> None:
+    """An algorithm's resumable state: each engine's optimizer/scheduler state under
+    ``path/<name>`` (sharded where the backend shards it) and small scalar state (the KL
+    controller's coefficient) as ``path/algorithm.json``. Call on every rank."""
+    import json
+
+    for name, engine in engines.items():
+        engine.save_state(os.path.join(path, name))
+    if is_main:
+        os.makedirs(path, exist_ok=True)
+        atomic_write_text(os.path.join(path, "algorithm.json"), json.dumps(scalars, indent=2))

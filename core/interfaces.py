@@ -259,6 +259,11 @@ class PreferenceOptimizer(Protocol):
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One iteration (for PPO: rollout, scoring, update epochs); returns metrics."""
 
+    def save_state(self, path: str) -> None:
+        """Write the resumable training state (optimizers, schedulers, KL controller)
+        under the directory ``path``; see :func:`rlhfkit.checkpoint.save_training_state`.
+        Called on every rank."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

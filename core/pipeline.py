@@ -131,18 +131,18 @@ class Run:
         values = self.c.backend.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
         return dict(zip(keys, values.tolist()))
 
-    def save(self, stage: str, obj: Policy | RewardModel, engine: Engine | None = None) -> str:
+    def save(self, stage: str, obj: Policy | RewardModel, state: Engine | PreferenceOptimizer | None = None) -> str:
         """Gather the (possibly sharded) weights on every rank, write a Hugging Face
-        directory atomically on rank 0, and the resumable training state beside it."""
+        directory atomically on rank 0, and ``state``'s resumable training state beside it
+        (``<stage>_state/``)."""
         path = os.path.join(self.run_dir, stage)
         module = getattr(obj, "model", obj)
         with self.c.backend.gathered(module):
             if self.main:
                 with atomic_directory(path) as tmp:
                     obj.save(tmp)
-        if engine is not None:
-            state = os.path.join(self.run_dir, f"{stage}_state")
-            engine.save_state(state)
+        if state is not None:
+            state.save_state(os.path.join(self.run_dir, f"{stage}_state"))
         self.c.backend.barrier()
         self.paths[stage] = path
         if self.main:
@@ -323,7 +323,7 @@ class Run:
                 result = self.evaluate(policy, reference, rm, eval_prompts)
                 self.log("rl", step, {f"eval/{k}": v for k, v in result.metrics.items()})
         policy.model.eval()
-        self.save("rl", policy, getattr(algorithm, "policy", None))
+        self.save("rl", policy, algorithm)
         return policy, algorithm
 
     # -- evaluation -----------------------------------------------------------------------

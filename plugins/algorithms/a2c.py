@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, rollout_metrics
 from rlhfkit.interfaces import RLContext
@@ -106,6 +107,9 @@ class A2C:
         out.update(metrics)
         out["perf/update_s"] = time.time() - t0 - t_rollout
         return out
+
+    def save_state(self, path: str) -> None:
+        save_training_state(path, {"policy": self.policy, "value": self.value}, {"kl": self.kl.state_dict()}, self.ctx.backend.is_main)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict(), "value": self.value.state_dict()}

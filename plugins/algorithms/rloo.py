@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, rollout_metrics
 from rlhfkit.interfaces import RLContext
@@ -96,6 +97,9 @@ class RLOO:
             "rloo/advantage_std": advantages.std().item(), "perf/update_s": time.time() - t0 - t_rollout,
         })
         return metrics
+
+    def save_state(self, path: str) -> None:
+        save_training_state(path, {"policy": self.policy}, {"kl": self.kl.state_dict()}, self.ctx.backend.is_main)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict()}

@@ -94,3 +94,16 @@ def test_dropout_is_off_during_rl(rl_ctx):
             m.p = 0.5
     PPO(PPOConfig()).setup(rl_ctx)
     assert all(m.p == 0.0 for m in rl_ctx.policy.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_training_state_holds_both_optimizers_and_the_kl_controller(rl_ctx, tmp_path):
+    import json
+
+    ppo = PPO(PPOConfig(adaptive_kl=True, kl_coef=0.1, target_kl=6.0, kl_horizon=100, ppo_epochs=1))
+    ppo.setup(rl_ctx)
+    ppo.step(["copy a b c ="] * 4)
+    ppo.save_state(str(tmp_path))
+    assert json.load(open(tmp_path / "algorithm.json"))["kl"]["value"] == pytest.approx(ppo.kl.value)
+    for name, engine in (("policy", ppo.policy), ("value", ppo.value)):
+        state = torch.load(tmp_path / name / "engine_state.pt", weights_only=True)
+        assert state["optimizer"]["state"], name  # Adam moments after one update
