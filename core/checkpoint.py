@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -61,8 +62,6 @@ def save_training_state(path: str, engines: dict[str, Any], scalars: dict[str, A
     """An algorithm's resumable state: each engine's optimizer/scheduler state under
     ``path/<name>`` (sharded where the backend shards it) and small scalar state (the KL
     controller's coefficient) as ``path/algorithm.json``. Call on every rank."""
-    import json
-
     for name, engine in engines.items():
         engine.save_state(os.path.join(path, name))
     if is_main:

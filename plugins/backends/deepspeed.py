@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,6 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.backends import common
-from rlhfkit.plugins.backends.single import autocast_for
 
 
 def _default_ds_config() -> dict[str, Any]:
@@ -113,8 +111,6 @@ class DeepSpeedEngineAdapter:
 
 class DeepSpeedBackend(common.Collectives):
     def __init__(self, cfg: DeepSpeedConfig):
-        import deepspeed
-
         if cfg.frozen_models not in ("replicate", "shard"):
             raise ConfigError(f"backend.frozen_models={cfg.frozen_models!r}: choose replicate or shard.")
         self.cfg = cfg
@@ -127,16 +123,11 @@ class DeepSpeedBackend(common.Collectives):
             raise ConfigError("Parameter offload (zero_optimization.offload_param.device=cpu) needs ZeRO stage 3.")
         if cfg.frozen_models == "shard" and self.stage != 3:
             raise ConfigError("backend.frozen_models=shard needs ZeRO stage 3; use replicate.")
-        dist_backend = cfg.dist_backend
-        if dist_backend == "auto":
-            dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not torch.distributed.is_initialized():
-            common.init_distributed(dist_backend) if "RANK" not in os.environ else deepspeed.init_distributed(dist_backend=dist_backend)
-        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # DeepSpeed adopts an initialised torch.distributed group in deepspeed.initialize
+        self.rank, self.world_size, _ = common.init_distributed(cfg.dist_backend)
         from deepspeed.accelerator import get_accelerator
 
         self.device = torch.device(get_accelerator().current_device_name())
-        self.precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
 
     def prepare(self, model, optimizer, scheduler=None, max_grad_norm=None, batch_size=None) -> DeepSpeedEngineAdapter:
         import deepspeed
@@ -159,7 +150,7 @@ class DeepSpeedBackend(common.Collectives):
         return model.to(self.device).eval()
 
     def autocast(self):
-        return autocast_for(self.device, "fp32")  # DeepSpeed casts itself when bf16 is enabled
+        return contextlib.nullcontext()  # DeepSpeed casts itself when ds_config.bf16 is enabled
 
     def gathered(self, module: torch.nn.Module):
         params = [p for p in module.parameters() if hasattr(p, "ds_id")]
