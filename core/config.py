@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from rlhfkit.interfaces import RolloutConfig
+from rlhfkit.interfaces import RolloutConfig, ScoringConfig
 
 
 class RMLoss(str, Enum):
@@ -65,6 +65,11 @@ class RLConfig:
     prompts_per_step: int = 64
     """Rollout batch size."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """Micro-batching of the scoring and training passes."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (policy and critic): less memory, ~30%
+    more compute."""
     eval_every: int = 0
     """Evaluate on held-out prompts every N iterations (0: only at the end)."""
     log_every: int = 5
@@ -88,6 +93,7 @@ class RunConfig:
     data: Any = None
     backend: Any = None
     logger: Any = None
+    generator: Any = None
     experiment: Any = None
 
     seed: int = 0

@@ -4,7 +4,9 @@ critic. Algorithms turn an :class:`Experience` into losses their own way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -23,18 +25,68 @@ class Experience:
     scores: torch.Tensor  # (B,) after the missing-EOS penalty
     values: torch.Tensor | None  # (B, R) critic, or None for critic-free algorithms
     mask: torch.Tensor  # (B, R) float: response tokens up to and including EOS
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent generating and scoring (``generate``, ``score``)."""
 
     def select(self, idx: torch.Tensor) -> "Experience":
-        r = self.rollout
-        sub = Rollout(
-            input_ids=r.input_ids[idx], attention_mask=r.attention_mask[idx], prompt_width=r.prompt_width,
-            response_mask=r.response_mask[idx], logprobs=r.logprobs[idx], ended=r.ended[idx],
-            responses=[r.responses[i] for i in idx.tolist()],
-        )
         return Experience(
-            sub, self.logprobs[idx], self.ref_logprobs[idx], self.rm_scores[idx], self.scores[idx],
-            None if self.values is None else self.values[idx], self.mask[idx],
+            self.rollout.select(idx), self.logprobs[idx], self.ref_logprobs[idx], self.rm_scores[idx], self.scores[idx],
+            None if self.values is None else self.values[idx], self.mask[idx], self.timings,
         )
+
+    def trimmed(self) -> "Experience":
+        """Without the padding columns all rows share (see :meth:`Rollout.trimmed`); the
+        per-token tensors keep their first ``R'`` columns."""
+        r = self.rollout.trimmed()
+        R = r.response_mask.shape[1]
+        return Experience(
+            r, self.logprobs[:, :R], self.ref_logprobs[:, :R], self.rm_scores, self.scores,
+            None if self.values is None else self.values[:, :R], self.mask[:, :R], self.timings,
+        )
+
+
+def buckets(lengths: torch.Tensor, size: int, max_rows: int | None = None) -> list[torch.Tensor]:
+    """Row indices cut into micro-batches of at most ``size`` rows of similar length
+    (sorted by length), so each micro-batch can be trimmed to its own longest row.
+
+    ``max_rows``: the most rows any rank holds. The number of micro-batches is computed from
+    it, so every rank runs the same number of forward passes (ZeRO-3 shards need that);
+    a rank with fewer rows repeats its first row in an otherwise empty micro-batch."""
+    n = lengths.shape[0]
+    if size <= 0 or size >= max(n, max_rows or 0):
+        return [torch.arange(n)]
+    count = math.ceil(max(n, max_rows or 0) / size)
+    order = torch.argsort(lengths.cpu(), stable=True)
+    parts = list(torch.tensor_split(order, count))
+    return [p if len(p) else order[:1] for p in parts]
+
+
+def micro_batches(exp: Experience, rows: torch.Tensor, size: int) -> list[tuple[torch.Tensor, Experience]]:
+    """This minibatch's rows as length-bucketed, trimmed micro-batches for gradient
+    accumulation: (row indices into ``exp``, trimmed sub-experience)."""
+    parts = buckets(exp.mask[rows].sum(-1), size)
+    return [(rows[p], exp.select(rows[p]).trimmed()) for p in parts]
+
+
+def _scored(fn: Callable[[Rollout], torch.Tensor], rollout: Rollout, size: int, max_rows: int, per_token: bool) -> torch.Tensor:
+    """``fn`` over length-bucketed, trimmed micro-batches, scattered back to the rollout's
+    rows: (B, R) for per-token outputs, (B,) otherwise."""
+    B, R = rollout.response_mask.shape
+    parts = buckets(rollout.attention_mask.sum(-1), size, max_rows)
+    if len(parts) == 1 and len(parts[0]) == B:
+        return fn(rollout).float()
+    out = torch.zeros((B, R) if per_token else (B,), device=rollout.input_ids.device)
+    seen = torch.zeros(B, dtype=torch.bool)
+    for idx in parts:
+        fresh = ~seen[idx]  # a padding micro-batch repeats a row: discard it
+        v = fn(rollout.select(idx).trimmed()).float()
+        idx, v = idx[fresh], v[fresh.to(v.device)]
+        seen[idx] = True
+        if per_token:
+            out[idx.to(out.device), : v.shape[1]] = v
+        else:
+            out[idx.to(out.device)] = v
+    return out
 
 
 def policy_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
@@ -65,31 +117,47 @@ def collect(
 ) -> Experience:
     """Sample one response per prompt of this rank's share of the global batch
     ``prompts``, and score it. Sampling uniforms are drawn for the global batch, so the
-    responses do not depend on the world size. The policy's logprobs are recomputed with a
-    full forward pass at the sampling temperature, so PPO's first ratio is 1."""
+    responses do not depend on the world size.
+
+    The policy's logprobs are the sampling pass's own (``ctx.scoring.recompute_logprobs``:
+    recomputed with a full forward pass instead). The scoring passes (reference
+    logprobs, rewards, values) run inference-only in length-bucketed micro-batches of
+    ``ctx.scoring.score_micro_batch_size`` rows, each trimmed to its longest row."""
     backend = ctx.backend
     uniforms = draw_uniforms(len(prompts), ctx.rollout.max_new_tokens)  # same on every rank
     mine = backend.shard(list(range(len(prompts))))
+    max_rows = math.ceil(len(prompts) / backend.world_size)
     policy = ctx.policy.model
     was_training = policy.training
     policy.eval()
+    generate = ctx.generate or sample
+    T = ctx.rollout.temperature
+    size = ctx.scoring.score_micro_batch_size
+    t0 = time.perf_counter()
     with ctx.backend.autocast():
-        rollout = sample(
+        rollout = generate(
             policy, ctx.policy.tokenizer, [prompts[i] for i in mine], ctx.rollout, backend.device,
             uniforms=uniforms[mine], any_alive=any_alive_fn(backend),
         )
-        T = ctx.rollout.temperature
-        logprobs = policy_logprobs(policy, rollout, T)
-        ref_logprobs = policy_logprobs(ctx.reference.model, rollout, T)
-        rm_scores = ctx.reward_model(rollout.input_ids, rollout.attention_mask).float()
-        values = critic_values(critic, rollout).float() if critic is not None else None
+        t1 = time.perf_counter()
+        if ctx.scoring.recompute_logprobs:
+            logprobs = _scored(lambda r: policy_logprobs(policy, r, T), rollout, size, max_rows, per_token=True)
+        else:
+            logprobs = rollout.logprobs.float()
+        ref_logprobs = _scored(lambda r: policy_logprobs(ctx.reference.model, r, T), rollout, size, max_rows, per_token=True)
+        rm_scores = _scored(lambda r: ctx.reward_model(r.input_ids, r.attention_mask), rollout, size, max_rows, per_token=False)
+        values = None
+        if critic is not None:
+            values = _scored(lambda r: critic_values(critic, r), rollout, size, max_rows, per_token=True)
     policy.train(was_training)
+    timings = {"generate": t1 - t0, "score": time.perf_counter() - t1}
     scores = rm_scores.clone()
     if missing_eos_penalty is not None:
         # "N+ details": a truncated response gets a fixed low score instead of the RM's
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, missing_eos_penalty))
     mask = rollout.response_mask.float()
-    return Experience(rollout, logprobs.float(), ref_logprobs.float(), rm_scores, scores, values, mask)
+    return Experience(rollout, logprobs * mask, ref_logprobs * mask, rm_scores, scores,
+                      None if values is None else values * mask, mask, timings)
 
 
 def rollout_metrics(exp: Experience, kl: torch.Tensor, kl_coef: float, rollout_seconds: float) -> dict[str, float]:
@@ -104,4 +172,5 @@ def rollout_metrics(exp: Experience, kl: torch.Tensor, kl_coef: float, rollout_s
         "kl_coef": kl_coef,
         "perf/tokens_per_s": exp.mask.sum().item() / max(rollout_seconds, 1e-9),
         "perf/rollout_s": rollout_seconds,
+        **{f"perf/{k}_s": v for k, v in exp.timings.items()},
     }

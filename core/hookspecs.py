@@ -104,6 +104,15 @@ def rlhfkit_register_loggers(register: Register) -> None:
 
 
 @hookspec
+def rlhfkit_register_generators(register: Register) -> None:
+    """Register rollout engines (group ``generator``): what samples responses for RL,
+    evaluation and the reward model's comparisons.
+
+    The factory returns a :class:`rlhfkit.interfaces.Generator`. Called once, all plugins.
+    """
+
+
+@hookspec
 def rlhfkit_config_search_path() -> list[str]:
     """Return extra Hydra config search-path entries, e.g. ``["pkg://my_plugin.conf"]``.
 

@@ -144,7 +144,9 @@ class Engine(Protocol):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        """Accumulate ``loss``'s gradients. When several micro-batches make up one
+        optimizer step, pass ``boundary=False`` for all but the last."""
 
     def step(self) -> float:
         """Clip gradients, step the optimizer and scheduler, zero the gradients; return
@@ -228,6 +230,37 @@ class RolloutConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """How the inference passes (reference logprobs, values, rewards) and the training
+    passes are batched. Rows are sorted by length and cut into micro-batches, and each
+    micro-batch is trimmed to its own longest row: short responses pay no padding."""
+
+    score_micro_batch_size: int = 0
+    """Rows per inference micro-batch (0: the whole rollout in one pass)."""
+    train_micro_batch_size: int = 0
+    """Rows per training micro-batch; gradients accumulate over a minibatch's
+    micro-batches before one optimizer step (0: the whole minibatch at once)."""
+    recompute_logprobs: bool = False
+    """Recompute the policy's logprobs with a training-style forward pass instead of using
+    the sampling pass's (costs a forward pass; first PPO ratio exactly 1)."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A rollout engine (group ``generator``): samples one response per prompt."""
+
+    def __call__(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device, *,
+        greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
+    ) -> Any:
+        """A :class:`rlhfkit.sequences.Rollout`: left-padded prompts, then responses
+        right-padded after EOS, with the sampled tokens' logprobs at ``cfg.temperature``
+        (before top-k/top-p) from the same forward pass. ``uniforms`` (B, max_new_tokens)
+        are the global RNG's draws for these rows, for world-size-invariant engines;
+        ``any_alive`` keeps sharded (ZeRO-3) ranks decoding in step."""
+
+
+@dataclass
 class RLContext:
     """Everything an RL or preference algorithm gets from the pipeline."""
 
@@ -246,6 +279,10 @@ class RLContext:
     the RM). Critic-free algorithms never call it."""
     sft_batches: Iterator[list[Example]] | None = None
     """Endless demonstration batches, for a pretraining/SFT mix (PPO-ptx)."""
+    generate: Generator | None = None
+    """The rollout engine (``generator=...``); None: the built-in KV-cache sampler."""
+    scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig())
+    """Micro-batching of the scoring and training passes."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -29,7 +29,7 @@ from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
 from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, sample, tokenize_pair
+from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, tokenize_pair
 
 
 def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:
@@ -46,6 +46,16 @@ def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:
         if not run_dir:
             return None
     return None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpointing)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError(f"rl.gradient_checkpointing=true, but {type(model).__name__} does not support it.")
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +80,7 @@ class Components:
     reward_head: HeadBuilder
     algorithm_node: Any  # built at the RL stage: a fresh optimizer per run
     loggers: list[Any]
+    generator: Any
 
     @classmethod
     def build(cls, cfg: DictConfig, registry: Registry) -> Components:
@@ -83,6 +94,7 @@ class Components:
             reward_head=registry.build("reward_head", cfg.reward_head),
             algorithm_node=cfg.algorithm,
             loggers=loggers,
+            generator=registry.build("generator", cfg.generator),
         )
 
 
@@ -161,8 +173,8 @@ class Run:
             out: list[str] = []
             for i in range(0, len(flat), self.eval_cfg.batch_size):
                 with self.c.backend.autocast():
-                    out += sample(policy.model, policy.tokenizer, flat[i : i + self.eval_cfg.batch_size], rollout, self.device,
-                                  any_alive=any_alive_fn(self.c.backend)).responses
+                    out += self.c.generator(policy.model, policy.tokenizer, flat[i : i + self.eval_cfg.batch_size], rollout,
+                                            self.device, any_alive=any_alive_fn(self.c.backend)).responses
             return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
         return sample_fn
@@ -299,14 +311,20 @@ class Run:
         rm = backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
         demos = self.c.dataset.sft_examples("train")
 
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(policy.model)
+
         def make_critic() -> RewardModel:
             critic = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
             critic.requires_grad_(True)
+            if cfg.gradient_checkpointing:
+                enable_gradient_checkpointing(getattr(critic, "backbone", critic))
             return critic
 
         ctx = RLContext(
             policy=policy, reference=reference, reward_model=rm, backend=backend, rollout=cfg.rollout,
             total_steps=cfg.steps, make_critic=make_critic, sft_batches=_example_batches(demos, self.cfg.seed),
+            generate=self.c.generator, scoring=cfg.scoring,
         )
         algorithm: PreferenceOptimizer = self.registry.build("algorithm", self.c.algorithm_node)
         algorithm.setup(ctx)
@@ -343,8 +361,8 @@ class Run:
         bs = self.eval_cfg.batch_size
         for i in range(0, len(prompts), bs):
             with self.c.backend.autocast():
-                r = sample(policy.model, policy.tokenizer, prompts[i : i + bs], rollout_cfg, self.device,
-                           any_alive=any_alive_fn(self.c.backend))
+                r = self.c.generator(policy.model, policy.tokenizer, prompts[i : i + bs], rollout_cfg, self.device,
+                                     any_alive=any_alive_fn(self.c.backend))
                 logp = policy_logprobs(policy.model, r, rollout_cfg.temperature)
                 ref = policy_logprobs(reference.model, r, rollout_cfg.temperature)
                 if rm is not None:

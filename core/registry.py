@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {
     "data": "rlhfkit_register_datasets",
     "backend": "rlhfkit_register_backends",
     "logger": "rlhfkit_register_loggers",
+    "generator": "rlhfkit_register_generators",
 }
 # Groups where several choices may be on at once (``logger=[console,jsonl]``); each
 # choice's config lives at ``<group>.<name>``.

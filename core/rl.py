@@ -14,7 +14,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     """(B, T, V), (B, T) -> (B, T): log pi(token) at ``temperature`` (the same one used to
     sample, per the "N+ implementation details")."""
     logits = logits.float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    # gather - logsumexp: no (B, T, V) log-softmax tensor is kept for the backward pass
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

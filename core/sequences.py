@@ -164,6 +164,26 @@ class Rollout:
     def position_ids(self) -> torch.Tensor:
         return positions(self.attention_mask)
 
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(
+            input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx], prompt_width=self.prompt_width,
+            response_mask=self.response_mask[idx], logprobs=self.logprobs[idx], ended=self.ended[idx],
+            responses=[self.responses[i] for i in idx.tolist()],
+        )
+
+    def trimmed(self) -> "Rollout":
+        """The same rows without the padding columns every row has: left padding shared
+        by all prompts and right padding past the longest response. Used on length
+        buckets, so short rows are not scored at the batch's full width."""
+        P = self.prompt_width
+        left = int((self.attention_mask[:, :P] == 0).all(0).long().cumprod(0).sum())
+        R = max(int(self.response_mask.sum(-1).max()), 1)
+        return Rollout(
+            input_ids=self.input_ids[:, left : P + R], attention_mask=self.attention_mask[:, left : P + R],
+            prompt_width=P - left, response_mask=self.response_mask[:, :R], logprobs=self.logprobs[:, :R],
+            ended=self.ended, responses=self.responses,
+        )
+
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
@@ -194,14 +214,32 @@ def draw_uniforms(n_rows: int, max_new_tokens: int) -> torch.Tensor:
     return torch.rand(n_rows, max_new_tokens)
 
 
+def _static_cache(model: torch.nn.Module, max_len: int) -> Any | None:
+    """A preallocated KV cache of ``max_len`` positions, or None where the model's cache
+    cannot be static (then the sampler falls back to the growing dynamic cache)."""
+    try:
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    except Exception:  # no config, or an architecture without static-cache support
+        return None
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device,
     greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
+    static_cache: bool = True, decode: Callable[..., Any] | None = None,
 ) -> Rollout:
-    """Batched sampling with a KV cache. Stops once every sequence has produced EOS. The
-    logprob of each sampled token comes out of the same forward pass, at the sampling
-    temperature and before top-k/top-p filtering (the distribution the trainer scores).
+    """Batched sampling of left-padded prompts with a KV cache. Stops once every sequence
+    has produced EOS. The logprob of each sampled token comes out of the same forward pass,
+    at the sampling temperature and before top-k/top-p filtering (the distribution the
+    trainer scores).
+
+    ``static_cache``: preallocate the cache and the attention mask for P + max_new_tokens
+    positions, so every decode step has the same shapes (what CUDA graphs and
+    ``torch.compile`` need) and nothing is reallocated per token. ``decode`` replaces
+    ``model`` for the decode steps (a compiled version of it, say).
 
     ``uniforms`` (B, max_new_tokens) drive the sampling (drawn here if None). Under sharded
     models (ZeRO-3) every rank must run the same number of forward passes: ``any_alive``
@@ -209,40 +247,58 @@ def sample(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = ids.shape
+    T = cfg.max_new_tokens
     if uniforms is None:
-        uniforms = draw_uniforms(B, cfg.max_new_tokens)
+        uniforms = draw_uniforms(B, T)
     uniforms = uniforms.to(device)
-    mask = prompt_mask
-    pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    next_pos = pos[:, -1] + 1
+    cache = _static_cache(model, P + T) if static_cache else None
+    pos = positions(prompt_mask)
+    if cache is not None:
+        mask = torch.zeros((B, P + T), dtype=torch.long, device=device)  # filled as tokens arrive
+        mask[:, :P] = prompt_mask
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(P, device=device))
+    else:
+        mask = prompt_mask
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = out.past_key_values
+    logits = out.logits[:, -1]
+    step = decode if decode is not None else model
+    next_pos = pos[:, -1:] + 1  # (B, 1)
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    tokens, logps, valid = [], [], []
-    for t in range(cfg.max_new_tokens):
+    tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
+    logps = torch.zeros((B, T), device=device)
+    valid = torch.zeros((B, T), dtype=torch.bool, device=device)
+    R = T
+    for t in range(T):
         scaled = logits.float() / cfg.temperature
-        logp_all = F.log_softmax(scaled, dim=-1)
         if greedy:
             tok = scaled.argmax(-1)
         else:
             tok = _inverse_cdf(_filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1), uniforms[:, t])
-        logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        logp = scaled.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
         tok = torch.where(alive, tok, torch.full_like(tok, pad))
-        tokens.append(tok)
-        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
-        valid.append(alive.clone())
+        tokens[:, t] = tok
+        logps[:, t] = torch.where(alive, logp, torch.zeros_like(logp))
+        valid[:, t] = alive
         alive = alive & (tok != eos)
         still = bool(alive.any())
         if any_alive is not None:
             still = any_alive(still)
-        if not still or t == cfg.max_new_tokens - 1:
+        if not still or t == T - 1:
+            R = t + 1
             break
-        mask = torch.cat([mask, valid[-1].long()[:, None]], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        if mask.shape[1] == P + T:  # static: write this token's slot
+            mask[:, P + t] = valid[:, t].long()
+            out = step(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                       use_cache=True, cache_position=torch.full((1,), P + t, dtype=torch.long, device=device))
+        else:
+            mask = torch.cat([mask, valid[:, t : t + 1].long()], dim=1)
+            out = step(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    response = torch.stack(tokens, 1)  # (B, R)
-    response_mask = torch.stack(valid, 1).long()
+    response, response_mask, logps = tokens[:, :R], valid[:, :R].long(), logps[:, :R]
     ended = (response == eos).any(-1)
     texts = decode_responses(tokenizer, response, response_mask)
     return Rollout(
@@ -250,7 +306,7 @@ def sample(
         attention_mask=torch.cat([prompt_mask, response_mask], 1),
         prompt_width=P,
         response_mask=response_mask,
-        logprobs=torch.stack(logps, 1),
+        logprobs=logps,
         ended=ended,
         responses=texts,
     )
@@ -266,7 +322,13 @@ def decode_responses(tokenizer: Any, response: torch.Tensor, response_mask: torc
 
 
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(B, R, V): the logits that predict each response token."""
-    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
-    P, R = rollout.prompt_width, rollout.response_mask.shape[1]
-    return out.logits[:, P - 1 : P + R - 1]
+    """(B, R, V): the logits that predict each response token. Only the last R + 1
+    positions go through the LM head (``logits_to_keep``): prompt positions never pay for
+    the vocabulary projection."""
+    R = rollout.response_mask.shape[1]
+    kw = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
+    try:
+        logits = model(**kw, logits_to_keep=R + 1).logits
+    except TypeError:  # a model without logits_to_keep: project every position
+        logits = model(**kw).logits
+    return logits[:, -(R + 1) : -1]

@@ -13,7 +13,7 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, rollout_metrics
+from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
@@ -88,19 +88,25 @@ class A2C:
         stats = []
         for start in range(0, B - mb + 1, mb):  # one pass: every sample is used once
             idx = torch.arange(start, start + mb)
-            sub, m = exp.select(idx), mask[idx]
-            denom = dp_denominator(m.sum(), reduce, backend.world_size)
-            with ctx.backend.autocast():
-                logits = response_logits(self.policy, sub.rollout)
-                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
-                entropy = masked_mean(entropy_from_logits(logits, ctx.rollout.temperature), m)
-                pg_loss = a2c_policy_loss(logprobs, advantages[idx], m, denom)
-                vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[idx], m, denom)
-            self.policy.backward(pg_loss - cfg.entropy_coef * entropy)
-            self.value.backward(cfg.vf_coef * vf_loss)
-            grad_norm = self.policy.step()
+            denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)
+            parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
+            st = {"loss/policy": 0.0, "loss/value": 0.0, "policy/entropy": 0.0}
+            for j, (rows, sub) in enumerate(parts):
+                R, m = sub.mask.shape[1], sub.mask
+                with ctx.backend.autocast():
+                    logits = response_logits(self.policy, sub.rollout)
+                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                    # entropy as a sum over this micro-batch's tokens / the minibatch's count
+                    entropy = masked_mean(entropy_from_logits(logits, ctx.rollout.temperature), m, denom=denom)
+                    pg_loss = a2c_policy_loss(logprobs, advantages[rows, :R], m, denom)
+                    vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[rows, :R], m, denom)
+                self.policy.backward(pg_loss - cfg.entropy_coef * entropy, boundary=j == len(parts) - 1)
+                self.value.backward(cfg.vf_coef * vf_loss, boundary=j == len(parts) - 1)
+                for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy)):
+                    st[k] += v.item()
+            st["grad_norm"] = self.policy.step()
             self.value.step()
-            stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item(), "grad_norm": grad_norm})
+            stats.append(st)
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
         self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts))
         out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}

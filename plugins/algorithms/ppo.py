@@ -16,7 +16,7 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, rollout_metrics
+from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import Backend, RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
@@ -120,40 +120,24 @@ class PPO:
 
         B = mask.shape[0]
         mb = max(1, B // cfg.num_minibatches)
-        T = ctx.rollout.temperature
         self.minibatch_stats = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=self.shuffle)
             for start in range(0, B - mb + 1, mb):
                 idx = perm[start : start + mb]
-                sub = exp.select(idx)
-                m = mask[idx]
                 # losses average over every rank's tokens in this minibatch
-                denom = dp_denominator(m.sum(), reduce, backend.world_size)
-                with ctx.backend.autocast():
-                    logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
-                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
-                    pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[idx], m, cfg.clip_eps, denom=denom)
-                    entropy = masked_mean(entropy_from_logits(logits, T), m)
-                    ptx_loss = None
-                    if cfg.ptx_coef > 0:
-                        ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], backend)
-                    loss = policy_objective(pg_loss - cfg.entropy_coef * entropy, ptx_loss, cfg.ptx_coef)
-                    values = critic_values(self.value, sub.rollout).float()
-                    vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[idx], m, cfg.vf_clip, denom=denom)
-                self.policy.backward(loss)
-                self.value.backward(cfg.vf_coef * vf_loss)
-                grad_norm = self.policy.step()
+                denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)
+                parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
+                stats: dict[str, float] = {}
+                for j, (rows, sub) in enumerate(parts):
+                    ptx = cfg.ptx_coef > 0 and j == 0  # the SFT mix once per minibatch
+                    st = self._micro_step(sub, advantages[rows], returns[rows], denom, ptx, boundary=j == len(parts) - 1)
+                    share = sub.mask.sum().item() / max(mask[idx].sum().item(), 1.0)
+                    for k, v in st.items():  # losses are partial sums over one denominator; the rest token-weighted
+                        stats[k] = stats.get(k, 0.0) + (v if k.startswith("loss/") else v * share)
+                stats["grad_norm"] = self.policy.step()
                 self.value.step()
-                self.minibatch_stats.append({
-                    "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
-                    "loss/ptx": ptx_loss.item() if ptx_loss is not None else 0.0,
-                    "policy/ratio": st["ratio"].item(), "policy/clipfrac": st["clipfrac"].item(),
-                    "policy/approx_kl": st["approx_kl"].item(), "policy/entropy": entropy.item(),
-                    "value/clipfrac": vf_clipfrac.item(), "grad_norm": grad_norm,
-                    # KL(pi || pi_SFT) of this minibatch under the current policy
-                    "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
-                })
+                self.minibatch_stats.append(stats)
 
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
         global_kl = float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"])))
@@ -163,6 +147,38 @@ class PPO:
         out["reward/total"] = (rewards * mask).sum(-1).mean().item()
         out["perf/update_s"] = time.time() - t0 - t_rollout
         return out
+
+    def _micro_step(self, sub, advantages, returns, denom, ptx: bool, boundary: bool) -> dict[str, float]:
+        """Forward and backward on one (trimmed) micro-batch; gradients accumulate."""
+        cfg, ctx = self.cfg, self.ctx
+        R = sub.mask.shape[1]
+        m, T = sub.mask, ctx.rollout.temperature
+        with ctx.backend.autocast():
+            logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
+            logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
+            pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], m, cfg.clip_eps, denom=denom)
+            if cfg.entropy_coef:
+                entropy = masked_mean(entropy_from_logits(logits, T), m)
+            else:  # a metric only: no graph through the softmax
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), T), m)
+            ptx_loss = None
+            if ptx:
+                ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], ctx.backend)
+            loss = policy_objective(pg_loss - cfg.entropy_coef * entropy, ptx_loss, cfg.ptx_coef)
+            values = critic_values(self.value, sub.rollout).float()
+            vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[:, :R], m, cfg.vf_clip, denom=denom)
+        self.policy.backward(loss, boundary=boundary)
+        self.value.backward(cfg.vf_coef * vf_loss, boundary=boundary)
+        return {
+            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
+            "loss/ptx": ptx_loss.item() if ptx_loss is not None else 0.0,
+            "policy/ratio": st["ratio"].item(), "policy/clipfrac": st["clipfrac"].item(),
+            "policy/approx_kl": st["approx_kl"].item(), "policy/entropy": entropy.item(),
+            "value/clipfrac": vf_clipfrac.item(),
+            # KL(pi || pi_SFT) of this micro-batch under the current policy
+            "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
+        }
 
     def save_state(self, path: str) -> None:
         save_training_state(path, {"policy": self.policy, "value": self.value}, {"kl": self.kl.state_dict()}, self.ctx.backend.is_main)

@@ -14,7 +14,7 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, rollout_metrics
+from rlhfkit.experience import collect, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import dp_denominator, kl_controller, logprobs_from_logits, masked_sum
@@ -80,16 +80,19 @@ class RLOO:
         losses = []
         for g in range(0, groups - per_step + 1, per_step):
             idx = torch.arange(g * k, (g + per_step) * k)
-            sub = exp.select(idx)
-            with backend.autocast():
-                logits = response_logits(self.policy, sub.rollout)
-                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
-                seq_logprobs = masked_sum(logprobs, sub.mask, dim=-1)  # (b,)
-                denom = dp_denominator(float(len(idx)), reduce, backend.world_size)
-                loss = -(advantages[idx] * seq_logprobs).sum() / denom
-            self.policy.backward(loss)
+            denom = dp_denominator(float(len(idx)), reduce, backend.world_size)
+            parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
+            loss_sum = 0.0
+            for j, (rows, sub) in enumerate(parts):
+                with backend.autocast():
+                    logits = response_logits(self.policy, sub.rollout)
+                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                    seq_logprobs = masked_sum(logprobs, sub.mask, dim=-1)  # (b,)
+                    loss = -(advantages[rows] * seq_logprobs).sum() / denom
+                self.policy.backward(loss, boundary=j == len(parts) - 1)
+                loss_sum += loss.item()
             grad_norm = self.policy.step()
-            losses.append(loss.item())
+            losses.append(loss_sum)
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
         self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts) * k)
         metrics.update({

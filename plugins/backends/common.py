@@ -26,8 +26,8 @@ class LocalEngine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        loss.backward()  # gradients accumulate in .grad until step()
 
     def step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

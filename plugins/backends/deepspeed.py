@@ -88,7 +88,9 @@ class DeepSpeedEngineAdapter:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # accumulating micro-batches: reduce and step only at the last one
+        self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
 
     def step(self) -> float:

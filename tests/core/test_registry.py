@@ -54,6 +54,10 @@ class InlinePlugin:
     def rlhfkit_register_loggers(self, register):
         register("toy_logger", Toy, ToyConfig)
 
+    @hookimpl
+    def rlhfkit_register_generators(self, register):
+        register("toy_generator", Toy, ToyConfig)
+
 
 @pytest.fixture
 def plugins():
@@ -71,7 +75,7 @@ def plugins():
 def test_registration_hook(plugins, group, hook):
     # rlhfkit_register_policies, rlhfkit_register_reward_models, rlhfkit_register_reward_heads,
     # rlhfkit_register_algorithms, rlhfkit_register_datasets, rlhfkit_register_backends,
-    # rlhfkit_register_loggers
+    # rlhfkit_register_loggers, rlhfkit_register_generators
     registry = Registry.from_plugins(plugins)
     name = f"toy_{group}"
     assert name in registry.names(group)

@@ -1,0 +1,1 @@
+"""Rollout engines (group ``generator``)."""
