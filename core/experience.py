@@ -12,8 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhfkit.interfaces import Backend, RLContext
-from rlhfkit.rl import logprobs_from_logits
-from rlhfkit.sequences import Rollout, draw_uniforms, response_logits, sample
+from rlhfkit.sequences import Rollout, draw_uniforms, response_logprobs, sample
 
 
 @dataclass
@@ -91,7 +90,7 @@ def _scored(fn: Callable[[Rollout], torch.Tensor], rollout: Rollout, size: int, 
 
 def policy_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
     """(B, R) log pi(y_t | x, y_<t) of the sampled tokens."""
-    return logprobs_from_logits(response_logits(model, rollout), rollout.response_ids, temperature)
+    return response_logprobs(model, rollout, temperature)[0]
 
 
 def critic_values(critic: Callable[..., torch.Tensor], rollout: Rollout) -> torch.Tensor:

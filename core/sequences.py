@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.fused import chosen_logprobs
 from rlhfkit.interfaces import RolloutConfig
 
 
@@ -332,3 +335,42 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     except TypeError:  # a model without logits_to_keep: project every position
         logits = model(**kw).logits
     return logits[:, -(R + 1) : -1]
+
+
+_UNFUSABLE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain linear LM head the fused path can use, or None (no such head, or one
+    whose weight is a ZeRO-3 shard that only the module's own forward gathers)."""
+    inner = getattr(model, "module", model)  # engines wrap the model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id") or inner in _UNFUSABLE:
+        return None
+    return head
+
+
+def response_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log pi(y_t | x, y_<t) of the response tokens at ``temperature``, and (B, R)
+    entropies (detached: a metric). Where the model's logits are a plain linear head on its
+    last hidden state, the head runs chunk by chunk through :mod:`rlhfkit.fused`, and no
+    (B, R, V) logits tensor is kept. Whether that holds is checked on every call: the model's
+    own logits for the last position must equal the head applied to its hidden state (a
+    model with logit soft-capping or scaling fails the check and takes the plain path)."""
+    from rlhfkit.rl import entropy_from_logits, logprobs_from_logits
+
+    R = rollout.response_mask.shape[1]
+    tokens = rollout.response_ids
+    head = _lm_head(model)
+    if head is not None:
+        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                    position_ids=rollout.position_ids, logits_to_keep=1, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        with torch.no_grad():
+            mine = F.linear(last[:, -1], head.weight, head.bias).float()
+            same = torch.allclose(mine, out.logits[:, -1].float(), atol=1e-3, rtol=1e-3)
+        if same:
+            return chosen_logprobs(last[:, -(R + 1) : -1], head.weight, head.bias, tokens, temperature)
+        _UNFUSABLE.add(getattr(model, "module", model))
+    logits = response_logits(model, rollout)
+    return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature)

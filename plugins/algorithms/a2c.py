@@ -20,7 +20,7 @@ from rlhfkit.rl import (
     kl_controller, dp_denominator, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
     masked_mean, masked_whiten,
 )
-from rlhfkit.sequences import response_logits
+from rlhfkit.sequences import response_logits, response_logprobs
 
 
 @dataclass
@@ -94,10 +94,14 @@ class A2C:
             for j, (rows, sub) in enumerate(parts):
                 R, m = sub.mask.shape[1], sub.mask
                 with ctx.backend.autocast():
-                    logits = response_logits(self.policy, sub.rollout)
-                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                    T = ctx.rollout.temperature
+                    if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
+                        logits = response_logits(self.policy, sub.rollout)
+                        logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
+                    else:
+                        logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)
                     # entropy as a sum over this micro-batch's tokens / the minibatch's count
-                    entropy = masked_mean(entropy_from_logits(logits, ctx.rollout.temperature), m, denom=denom)
+                    entropy = masked_mean(token_entropy, m, denom=denom)
                     pg_loss = a2c_policy_loss(logprobs, advantages[rows, :R], m, denom)
                     vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[rows, :R], m, denom)
                 self.policy.backward(pg_loss - cfg.entropy_coef * entropy, boundary=j == len(parts) - 1)

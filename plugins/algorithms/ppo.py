@@ -23,7 +23,7 @@ from rlhfkit.rl import (
     kl_controller, clipped_policy_loss, dp_denominator, clipped_value_loss, entropy_from_logits, gae,
     kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten,
 )
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits
+from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits, response_logprobs
 
 
 @dataclass
@@ -154,14 +154,14 @@ class PPO:
         R = sub.mask.shape[1]
         m, T = sub.mask, ctx.rollout.temperature
         with ctx.backend.autocast():
-            logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
-            logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
-            pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], m, cfg.clip_eps, denom=denom)
-            if cfg.entropy_coef:
+            if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
+                logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
+                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
                 entropy = masked_mean(entropy_from_logits(logits, T), m)
-            else:  # a metric only: no graph through the softmax
-                with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits.detach(), T), m)
+            else:  # fused LM head; the entropy is a metric
+                logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)
+                entropy = masked_mean(token_entropy, m)
+            pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], m, cfg.clip_eps, denom=denom)
             ptx_loss = None
             if ptx:
                 ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], ctx.backend)

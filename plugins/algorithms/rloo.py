@@ -17,8 +17,8 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import dp_denominator, kl_controller, logprobs_from_logits, masked_sum
-from rlhfkit.sequences import response_logits
+from rlhfkit.rl import dp_denominator, kl_controller, masked_sum
+from rlhfkit.sequences import response_logprobs
 
 
 @dataclass
@@ -85,8 +85,7 @@ class RLOO:
             loss_sum = 0.0
             for j, (rows, sub) in enumerate(parts):
                 with backend.autocast():
-                    logits = response_logits(self.policy, sub.rollout)
-                    logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, ctx.rollout.temperature)
+                    logprobs, _ = response_logprobs(self.policy, sub.rollout, ctx.rollout.temperature)
                     seq_logprobs = masked_sum(logprobs, sub.mask, dim=-1)  # (b,)
                     loss = -(advantages[rows] * seq_logprobs).sum() / denom
                 self.policy.backward(loss, boundary=j == len(parts) - 1)
