@@ -1,7 +1,8 @@
 """The ``rlhfkit`` command: a Hydra app.
 
-``rlhfkit [overrides]`` runs the pipeline; ``rlhfkit plugins`` lists the installed plugins
-with their config fields. Before Hydra composes anything, the plugins are loaded, their
+``rlhfkit [overrides]`` runs the pipeline (``-m`` for a multirun sweep); ``rlhfkit plugins``
+lists the installed plugins with their config fields; ``rlhfkit report RUN_DIR...`` plots
+runs (see :mod:`rlhfkit.report`). Before Hydra composes anything, the plugins are loaded, their
 schemas stored in Hydra's ConfigStore, and the group choices on the command line checked
 against the registry, so a bad name fails before any work starts.
 """
@@ -13,7 +14,7 @@ import sys
 from importlib import resources
 from typing import Sequence
 
-from rlhfkit.errors import RlhfkitError, UnknownPluginError
+from rlhfkit.errors import ConfigError, RlhfkitError, UnknownPluginError
 from rlhfkit.plugin_manager import Plugins, load_plugins
 from rlhfkit.registry import MULTI_GROUPS, Registry
 
@@ -121,7 +122,21 @@ def _fail(exc: Exception, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _task(cfg) -> None:
+def objective_value(table: dict, name: str) -> float:
+    """The sweep objective ``name`` from a final evaluation table: a top-level key
+    (``gold_improvement``, ``win_rate``) or ``policy/metric`` (``rl/gold``)."""
+    if name in table and isinstance(table[name], (int, float)):
+        return float(table[name])
+    policy, _, metric = name.partition("/")
+    try:
+        return float(table["policies"][policy][metric])
+    except (KeyError, TypeError, ValueError):
+        keys = [k for k, v in table.items() if isinstance(v, (int, float))]
+        keys += [f"{p}/{m}" for p, ms in table.get("policies", {}).items() for m in ms]
+        raise ConfigError(f"objective={name!r} is not in this run's evaluation table; choose one of {sorted(keys)}.") from None
+
+
+def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from rlhfkit.pipeline import Run
@@ -129,7 +144,8 @@ def _task(cfg) -> None:
     plugins, registry = setup()
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        Run(cfg, registry, plugins, run_dir)()
+        table = Run(cfg, registry, plugins, run_dir)()
+        return objective_value(table, cfg.objective) if "rl" in cfg.stages else None
     except RlhfkitError as exc:
         _fail(exc, 1)
 
@@ -140,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         plugins, registry = setup()
         if argv[:1] == ["plugins"]:
             list_plugins(registry, plugins)
+            return
+        if argv[:1] == ["report"]:
+            from rlhfkit.report import main as report_main
+
+            report_main(argv[1:])
             return
         check_overrides(argv, registry)
     except RlhfkitError as exc:

@@ -95,12 +95,16 @@ class RunConfig:
     logger: Any = None
     generator: Any = None
     experiment: Any = None
+    hparams_search: Any = None
 
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "rl"])
     """Stages to run, in order. A stage not run takes its checkpoint from ``from_run``."""
     from_run: Optional[str] = None
     """A previous run directory whose stage checkpoints feed the stages not run here."""
+    objective: str = "gold_improvement"
+    """What a run returns to a Hydra sweeper (Optuna): a key of the final evaluation table
+    (gold_improvement, win_rate), or policy/metric (rl/gold, rl/kl)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     rl: RLConfig = field(default_factory=RLConfig)

@@ -144,6 +144,15 @@ def rlhfkit_log_metrics(stage: str, step: int, metrics: dict[str, float]) -> Non
 
 
 @hookspec
+def rlhfkit_progress(stage: str, step: int, total: int) -> None:
+    """``stage`` finished step ``step`` of ``total`` (for progress bars and ETAs).
+
+    Called after every optimizer step of SFT and RM and every RL iteration, also the
+    unlogged ones; cheap hook implementations only.
+    """
+
+
+@hookspec
 def rlhfkit_log_samples(stage: str, step: int, rows: list[dict[str, Any]]) -> None:
     """Sample completions (``prompt``, ``response``, rewards) for inspection.
 

@@ -28,6 +28,7 @@ from rlhfkit.interfaces import (
 from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
+from rlhfkit.secrets import redact
 from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
 from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, tokenize_pair
 
@@ -136,6 +137,10 @@ class Run:
         if self.main:
             self.hook.rlhfkit_log_metrics(stage=stage, step=step, metrics={k: float(v) for k, v in metrics.items()})
 
+    def progress(self, stage: str, step: int, total: int) -> None:
+        if self.main:
+            self.hook.rlhfkit_progress(stage=stage, step=step, total=total)
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.c.backend.world_size == 1:
             return metrics
@@ -210,6 +215,7 @@ class Run:
                 tokens += int(ids.numel())
             engine.backward(loss)
             grad_norm = engine.step()
+            self.progress("sft", step, cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.log("sft", step, self.mean_over_ranks({
                     "loss/sft": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -245,6 +251,7 @@ class Run:
                 loss, acc = self._rm_loss(engine, tok, batch)
             engine.backward(loss)
             grad_norm = engine.step()
+            self.progress("rm", step, steps)
             if step % cfg.log_every == 0 or step == steps:
                 self.log("rm", step, self.mean_over_ranks(
                     {"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}))
@@ -335,6 +342,7 @@ class Run:
             t0 = time.time()
             metrics = self.mean_over_ranks(algorithm.step([prompts[i] for i in next(batches)]))
             metrics["perf/step_s"] = time.time() - t0
+            self.progress("rl", step, cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.log("rl", step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -388,13 +396,14 @@ class Run:
     def __call__(self) -> dict[str, Any]:
         os.makedirs(self.run_dir, exist_ok=True)
         loggers = self.c.loggers if self.main else []  # lifecycle hooks run on rank 0 only
+        config = redact(OmegaConf.to_container(self.cfg, resolve=True))  # no credentials on disk or in logs
         if self.main:
-            atomic_write_text(os.path.join(self.run_dir, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True))
+            atomic_write_text(os.path.join(self.run_dir, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(config)))
         for i, lg in enumerate(loggers):
             self.plugins.register(lg, name=f"rlhfkit-run-logger-{id(self)}-{i}")
         summary: dict[str, Any] = {"status": "failed"}
         if self.main:
-            self.hook.rlhfkit_run_start(run_dir=self.run_dir, config=OmegaConf.to_container(self.cfg, resolve=True))
+            self.hook.rlhfkit_run_start(run_dir=self.run_dir, config=config)
         try:
             summary = self._stages()
             summary["status"] = "ok"
@@ -403,7 +412,7 @@ class Run:
             raise
         finally:
             if self.main:
-                self.hook.rlhfkit_run_end(run_dir=self.run_dir, summary=summary)
+                self.hook.rlhfkit_run_end(run_dir=self.run_dir, summary=redact(summary))
             for lg in loggers:
                 self.plugins.pm.unregister(lg)
         return summary

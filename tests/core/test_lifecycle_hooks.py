@@ -32,6 +32,10 @@ class Recorder:
         self.calls.append(("log_samples", stage, step, rows))
 
     @hookimpl
+    def rlhfkit_progress(self, stage, step, total):
+        self.calls.append(("progress", stage, step, total))
+
+    @hookimpl
     def rlhfkit_checkpoint_saved(self, stage, path):
         self.calls.append(("checkpoint_saved", stage, path, os.path.isdir(path)))
 
@@ -62,6 +66,16 @@ def test_rlhfkit_run_start(recorded):
     assert start[1] == run_dir
     assert start[2]["algorithm"]["_name_"] == "ppo" and start[2]["rl"]["steps"] == 3
     assert rec.calls[0][0] == "run_start"
+
+
+def test_rlhfkit_progress(recorded):
+    rec, _ = recorded
+    by_stage = {}
+    for _, stage, step, total in rec.of("progress"):
+        by_stage.setdefault(stage, []).append((step, total))
+    assert by_stage["sft"] == [(s, 40) for s in range(1, 41)]  # every step, logged or not
+    assert by_stage["rl"] == [(1, 3), (2, 3), (3, 3)]
+    assert by_stage["rm"][-1][0] == by_stage["rm"][-1][1]
 
 
 def test_rlhfkit_log_metrics(recorded):

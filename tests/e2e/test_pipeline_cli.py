@@ -84,17 +84,6 @@ def test_missing_previous_stage_is_a_clear_error(tmp_path):
     assert "from_run is not set" in r.stderr and "add 'sft' to stages" in r.stderr
 
 
-def test_multirun_sweeps_algorithms(tmp_path):
-    sweep = str(tmp_path / "sweep")
-    _ok(run_cli(["-m", *SMOKE, "algorithm=ppo,a2c", "rl.steps=2", f"hydra.sweep.dir={sweep}"], cwd=str(tmp_path)))
-    names = []
-    for job in ("0", "1"):
-        assert os.path.isfile(os.path.join(sweep, job, "eval.json"))
-        cfg = open(os.path.join(sweep, job, "config.yaml")).read()
-        names.append("a2c" if "_name_: a2c" in cfg else "ppo")
-    assert sorted(names) == ["a2c", "ppo"]
-
-
 def test_pairwise_rm_loss_and_llama_policy(tmp_path):
     run_dir = str(tmp_path / "llama")
     _ok(run_cli(SMOKE + ["rm.loss=pairwise", "policy.model=tiny-llama", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path)))
