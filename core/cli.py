@@ -145,9 +145,14 @@ def _task(cfg) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         table = Run(cfg, registry, plugins, run_dir)()
-        return objective_value(table, cfg.objective) if "rl" in cfg.stages else None
     except RlhfkitError as exc:
         _fail(exc, 1)
+    try:  # what a Hydra sweeper (Optuna) optimises; plain runs ignore it
+        return objective_value(table, cfg.objective)
+    except ConfigError as exc:
+        if "rl" in cfg.stages and HydraConfig.get().mode.name == "MULTIRUN":
+            print(f"rlhfkit: warning: {exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
