@@ -1,13 +1,18 @@
-"""Atomic checkpoint directories: write into a temporary sibling, then rename."""
+"""Checkpoints that survive a kill: atomic directories (write into a temporary sibling,
+then rename), a manifest of every file's size and SHA-256 written last, so that a partial or
+corrupt checkpoint is detected and skipped, and a store that keeps the last N per stage."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -58,12 +63,143 @@ def _umask() -> int:
     return mask
 
 
-def save_training_state(path: str, engines: dict[str, Any], scalars: dict[str, Any], is_main: bool) -> None:
-    """An algorithm's resumable state: each engine's optimizer/scheduler state under
-    ``path/<name>`` (sharded where the backend shards it) and small scalar state (the KL
-    controller's coefficient) as ``path/algorithm.json``. Call on every rank."""
-    for name, engine in engines.items():
-        engine.save_state(os.path.join(path, name))
-    if is_main:
-        os.makedirs(path, exist_ok=True)
-        atomic_write_text(os.path.join(path, "algorithm.json"), json.dumps(scalars, indent=2))
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, n), root) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def write_manifest(root: str, **info: Any) -> None:
+    """Record every file under ``root`` (size and SHA-256) in ``root/manifest.json``.
+    Written last: a directory without it was never finished."""
+    files = {f: {"bytes": os.path.getsize(os.path.join(root, f)), "sha256": _sha256(os.path.join(root, f))} for f in _files(root)}
+    atomic_write_text(os.path.join(root, MANIFEST), json.dumps({**info, "time": time.time(), "files": files}, indent=1))
+
+
+def verify(root: str) -> str | None:
+    """None if ``root`` is a complete checkpoint whose files match its manifest; otherwise
+    what is wrong with it, in words."""
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (the checkpoint was never finished)"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for name, meta in files.items():
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != meta["bytes"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {meta['bytes']}"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its SHA-256 checksum"
+    return None
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    with open(os.path.join(root, MANIFEST)) as f:
+        return json.load(f)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointStore:
+    """Training checkpoints of one run: ``<run_dir>/checkpoints/<stage>/step-<N>/``, each
+    complete with a manifest, the last ``keep_last`` kept per stage.
+
+    Several ranks may write into one checkpoint (sharded optimizer state): ``save`` is
+    called on every rank with ``share`` (rank 0's temporary path to every rank) and
+    ``barrier``; rank 0 writes the manifest and renames the directory into place."""
+
+    def __init__(self, run_dir: str, keep_last: int, is_main: bool = True,
+                 share: Callable[[str], str] = lambda x: x, barrier: Callable[[], None] = lambda: None):
+        if keep_last < 1:
+            from rlhfkit.errors import ConfigError
+
+            raise ConfigError(f"checkpoint.keep_last={keep_last}: keep at least 1 checkpoint.")
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.keep_last, self.is_main, self.share, self.barrier = keep_last, is_main, share, barrier
+
+    def path(self, stage: str, step: int) -> str:
+        return os.path.join(self.root, stage, f"step-{step:08d}")
+
+    def steps(self, stage: str) -> list[int]:
+        """Steps with a checkpoint directory (complete or not), newest first."""
+        try:
+            names = os.listdir(os.path.join(self.root, stage))
+        except FileNotFoundError:
+            return []
+        return sorted((int(m.group(1)) for m in map(_STEP_DIR.match, names) if m), reverse=True)
+
+    def save(self, stage: str, step: int, write: Callable[[str], None], **info: Any) -> str:
+        """Call ``write(tmp_dir)`` on every rank, then publish ``tmp_dir`` atomically as the
+        checkpoint of ``stage`` at ``step`` and prune old ones. Returns the final path."""
+        final = self.path(stage, step)
+        parent = os.path.dirname(final)
+        tmp = ""
+        if self.is_main:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=parent)
+        tmp = self.share(tmp)
+        try:
+            write(tmp)
+            self.barrier()
+            if self.is_main:
+                for root, _, files in os.walk(tmp):  # data on disk before the rename
+                    for name in files:
+                        with open(os.path.join(root, name), "rb") as f:
+                            os.fsync(f.fileno())
+                write_manifest(tmp, stage=stage, step=step, **info)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self.prune(stage)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.barrier()
+        return final
+
+    def prune(self, stage: str) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints (and any incomplete
+        one older than the newest complete one)."""
+        kept = 0
+        for step in self.steps(stage):
+            path = self.path(stage, step)
+            if kept < self.keep_last and os.path.isfile(os.path.join(path, MANIFEST)):
+                kept += 1
+            elif kept:
+                shutil.rmtree(path, ignore_errors=True)
+        parent = os.path.join(self.root, stage)
+        for name in os.listdir(parent) if os.path.isdir(parent) else []:
+            if name.startswith(".step-") and ".tmp-" in name:  # left by a killed writer
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+    def valid(self, stage: str, warn: Callable[[str], None]) -> Iterator[str]:
+        """The checkpoints of ``stage`` that verify against their manifests, newest first;
+        each one that does not is reported through ``warn`` and skipped."""
+        for step in self.steps(stage):
+            path = self.path(stage, step)
+            problem = verify(path)
+            if problem is None:
+                yield path
+            else:
+                warn(f"checkpoint {path} is corrupt or partial: {problem}. Skipping it in favour of an older one.")
+
+    def latest(self, stage: str, warn: Callable[[str], None]) -> str | None:
+        return next(self.valid(stage, warn), None)

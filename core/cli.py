@@ -104,6 +104,46 @@ def check_overrides(argv: Sequence[str], registry: Registry) -> None:
                 raise UnknownPluginError(group, str(v), sorted(options))
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_argv(argv: list[str], outputs: str = "outputs") -> list[str]:
+    """``resume=true`` or ``resume=<run dir>``: the command line that continues that run.
+    The run's own overrides (Hydra keeps them in ``<run dir>/.hydra/overrides.yaml``) come
+    first, those given now replace them key by key, and the run directory is the old one."""
+    import glob
+    import os
+
+    values = [a.split("=", 1)[1] for a in argv if _key(a) == "resume" and "=" in a]
+    if not values or values[-1].lower() in ("false", ""):
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("resume continues one run: drop -m/--multirun, and resume each job of a sweep by its directory.")
+    given = [a.split("=", 1)[1] for a in argv if _key(a) == "hydra.run.dir"]
+    if values[-1].lower() != "true":
+        run_dir = values[-1]
+    elif given:
+        run_dir = given[-1]
+    else:  # the newest run under outputs/
+        runs = [d for d in glob.glob(os.path.join(outputs, "*", "*")) if os.path.isfile(os.path.join(d, "config.yaml"))]
+        if not runs:
+            raise ConfigError(f"resume=true found no run under {outputs}/. Pass resume=<the run directory to continue>.")
+        run_dir = max(runs, key=lambda d: os.path.getmtime(os.path.join(d, "config.yaml")))
+    saved = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise ConfigError(f"resume: {run_dir!r} is not an rlhfkit run directory (no config.yaml).")
+    if not os.path.isfile(saved):
+        raise ConfigError(f"resume: {saved} is missing, so the run's overrides are unknown. Resume with "
+                          f"hydra.run.dir={run_dir} resume=true and the run's overrides.")
+    from omegaconf import OmegaConf
+
+    now = [a for a in argv if _key(a) not in ("resume", "hydra.run.dir")]
+    keys = {_key(a) for a in now if "=" in a}
+    old = [str(a) for a in OmegaConf.load(saved) if _key(str(a)) not in keys | {"resume", "hydra.run.dir"}]
+    return old + now + [f"hydra.run.dir={run_dir}", "resume=true"]
+
+
 def list_plugins(registry: Registry, plugins: Plugins, out=sys.stdout) -> None:
     for group in registry.groups():
         print(f"{group}:", file=out)
@@ -143,8 +183,14 @@ def _task(cfg) -> float | None:
 
     plugins, registry = setup()
     run_dir = HydraConfig.get().runtime.output_dir
+    from rlhfkit.resume import DivergenceError, Preempted
+
     try:
         table = Run(cfg, registry, plugins, run_dir)()
+    except Preempted as exc:
+        _fail(exc, 143)  # 128 + SIGTERM: what schedulers expect of a preempted job
+    except DivergenceError as exc:
+        _fail(exc, 3)
     except RlhfkitError as exc:
         _fail(exc, 1)
     try:  # what a Hydra sweeper (Optuna) optimises; plain runs ignore it
@@ -167,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             report_main(argv[1:])
             return
+        argv = resume_argv(argv)
         check_overrides(argv, registry)
     except RlhfkitError as exc:
         _fail(exc)

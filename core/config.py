@@ -83,6 +83,48 @@ class EvalConfig:
     num_samples_logged: int = 4
 
 
+class OnDivergence(str, Enum):
+    rollback = "rollback"
+    """Reload the stage's last good checkpoint and continue with a lower learning rate."""
+    stop = "stop"
+    """Stop the run with a report (``divergence.json``) and exit code 3."""
+
+
+class BadData(str, Enum):
+    error = "error"
+    """Stop at the first bad record, naming its file, line and field."""
+    skip = "skip"
+    """Skip bad records, count them by reason, and report the counts."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Write a training checkpoint every N optimizer steps of each stage (0: never). It
+    holds the weights, optimizer and scheduler states, RNG states, data position, step
+    counters and the algorithm's state (KL controller)."""
+    keep_last: int = 2
+    """Complete training checkpoints kept per stage; older ones are deleted."""
+
+
+@dataclass
+class GuardConfig:
+    """Divergence guards. A step whose loss or gradient norm is not finite is always
+    skipped (the engines do it); these settings decide what happens after several."""
+
+    max_bad_steps: int = 3
+    """Consecutive bad steps (skipped, or past ``kl_bound``) that trip the guard."""
+    on_divergence: OnDivergence = OnDivergence.rollback
+    """rollback (to the last good checkpoint, with a lower learning rate) or stop."""
+    lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per stage before the guard stops the run."""
+    kl_bound: Optional[float] = None
+    """RL: a step whose rollout KL to the SFT policy (nats per response) exceeds this is a
+    bad step (null: no bound)."""
+
+
 @dataclass
 class RunConfig:
     # plugin groups: filled by the defaults list from the plugins' own schemas
@@ -102,6 +144,15 @@ class RunConfig:
     """Stages to run, in order. A stage not run takes its checkpoint from ``from_run``."""
     from_run: Optional[str] = None
     """A previous run directory whose stage checkpoints feed the stages not run here."""
+    resume: Any = False
+    """true: continue the run in ``hydra.run.dir`` (or the newest run under ``outputs/``)
+    from its last completed stage and last good checkpoint; or a run directory to continue.
+    The run's own overrides are reused; overrides given now are applied on top."""
+    bad_data: BadData = BadData.error
+    """A malformed or unusable data record (bad JSON, missing or empty field, a prompt
+    longer than the context): error, or skip and count."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     objective: str = "gold_improvement"
     """What a run returns to a Hydra sweeper (Optuna): a key of the final evaluation table
     (gold_improvement, win_rate), or policy/metric (rl/gold, rl/kl)."""

@@ -21,6 +21,8 @@ class Example:
 
     prompt: str
     response: str
+    source: str = field(default="", compare=False)
+    """Where the record came from (``file:line``), for error messages."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Comparison:
     prompt: str
     responses: tuple[str, ...]
     scores: tuple[float, ...]
+    source: str = field(default="", compare=False)
+    """Where the record came from (``file:line``), for error messages."""
 
 
 # sample(prompts, n) -> for each prompt, n completions of the current (SFT) policy
@@ -63,7 +67,12 @@ class Dataset(Protocol):
         them and ignores ``sample``."""
 
     def prompts(self, split: str) -> list[str]:
-        """Prompts for RL (``train``) and evaluation (``test``)."""
+        """Prompts for RL (``train``) and evaluation (``test``).
+
+        Optional members: ``bind_tokenizer(tokenizer)``, called with the policy's tokenizer
+        before each stage reads data (to render chat templates); ``skipped``, a dict of
+        bad records skipped by reason (``bad_data=skip``); ``sources``, a dict from prompt
+        to where it came from."""
 
 
 # --- models ----------------------------------------------------------------------------
@@ -141,6 +150,8 @@ class Engine(Protocol):
     """A model being trained, as prepared by a backend (DDP- or ZeRO-wrapped, say)."""
 
     module: torch.nn.Module  # the unwrapped model
+    skipped_steps: int
+    """Optimizer steps skipped because the loss or the gradient norm was not finite."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -150,7 +161,12 @@ class Engine(Protocol):
 
     def step(self) -> float:
         """Clip gradients, step the optimizer and scheduler, zero the gradients; return
-        the gradient norm before clipping."""
+        the gradient norm before clipping. If the loss or the gradient norm is not finite
+        (on any rank), skip the update instead and count it in ``skipped_steps``."""
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate by ``factor``, now and for the rest of the schedule
+        (the divergence guard's rollback)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and scheduler state (the weights are saved as a model)."""
@@ -158,10 +174,12 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def save_state(self, path: str) -> None:
-        """Write the resumable training state (optimizer, scheduler; sharded where the
-        backend shards it) under the directory ``path``. Called on every rank."""
+        """Write the resumable training state (weights, optimizer, scheduler; sharded
+        where the backend shards it) under the directory ``path``, as safetensors or as
+        tensors that ``torch.load(weights_only=True)`` reads. Called on every rank."""
 
-    def load_state(self, path: str) -> None: ...
+    def load_state(self, path: str) -> None:
+        """Restore what :meth:`save_state` wrote, in place, never unpickling code."""
 
 
 @runtime_checkable
@@ -201,6 +219,9 @@ class Backend(Protocol):
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Every rank's ``items``, concatenated in rank order, on every rank."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
 
     def gathered(self, module: torch.nn.Module) -> AbstractContextManager[Any]:
         """A context in which ``module``'s full parameters are readable (ZeRO-3 gathers
@@ -296,11 +317,10 @@ class PreferenceOptimizer(Protocol):
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One iteration (for PPO: rollout, scoring, update epochs); returns metrics."""
 
-    def save_state(self, path: str) -> None:
-        """Write the resumable training state (optimizers, schedulers, KL controller)
-        under the directory ``path``; see :func:`rlhfkit.checkpoint.save_training_state`.
-        Called on every rank."""
-
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The algorithm's own resumable state (KL controller, its private RNGs): tensors,
+        numbers, strings and containers of them. The engines it prepared through
+        ``ctx.backend.prepare`` (weights, optimizers, schedulers) are checkpointed by the
+        pipeline, as are the global RNGs."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

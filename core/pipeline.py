@@ -10,24 +10,27 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhfkit.checkpoint import atomic_directory, atomic_write_text
-from rlhfkit.config import STAGES, EvalConfig, RLConfig, RMConfig, RMLoss, SFTConfig
+from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_text, verify, write_manifest
+from rlhfkit.data import DataIssues, context_length, describe
+from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig
 from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.experience import any_alive_fn, policy_logprobs
 from rlhfkit.interfaces import (
-    Backend, Comparison, Dataset, Engine, Example, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
+    Backend, Comparison, Dataset, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
 )
 from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
+from rlhfkit.resume import Batches, DivergenceError, Guard, Preempted, Preemption, TrackingBackend, rng_state, set_rng_state
 from rlhfkit.secrets import redact
 from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
 from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, tokenize_pair
@@ -111,11 +114,34 @@ class Run:
         self.rm_cfg: RMConfig = OmegaConf.to_object(cfg.rm)
         self.rl_cfg: RLConfig = OmegaConf.to_object(cfg.rl)
         self.eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)
+        self.ckpt_cfg: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
+        self.guard_cfg: GuardConfig = OmegaConf.to_object(cfg.guard)
+        if self.ckpt_cfg.every < 0:
+            raise ConfigError(f"checkpoint.every={self.ckpt_cfg.every}: use 0 (never) or a number of steps.")
+        if self.guard_cfg.max_bad_steps < 1 or not 0 < self.guard_cfg.lr_factor <= 1:
+            raise ConfigError("guard.max_bad_steps must be >= 1 and guard.lr_factor in (0, 1].")
+        resume = cfg.get("resume", False)
+        if isinstance(resume, str) and resume.lower() not in ("true", "false", ""):
+            run_dir = resume  # resume=<run dir>: continue that run there
+        self.resuming = bool(resume) and str(resume).lower() != "false"
+        if self.resuming and not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            raise CheckpointError(f"resume: {run_dir!r} is not an rlhfkit run directory (no config.yaml). "
+                                  "Pass resume=<the run directory to continue>.")
+        self.run_dir = run_dir
         self.c = Components.build(cfg, registry)
         backend = self.c.backend
         if backend.world_size > 1:  # ranks may disagree on ${now:...}: rank 0's directory wins
             self.run_dir = run_dir = backend.gather_objects([run_dir])[0]
         self.main = backend.is_main
+        self.store = CheckpointStore(
+            run_dir, self.ckpt_cfg.keep_last, self.main,
+            share=(lambda x: backend.gather_objects([x])[0]) if backend.world_size > 1 else (lambda x: x),
+            barrier=backend.barrier,
+        )
+        self.preemption = Preemption()
+        self.issues = DataIssues(cfg.get("bad_data", "error"))  # the pipeline's own checks (context length)
+        self.context: int | None = None  # the policy's context length, once a stage has loaded it
+        self._reported: dict[str, int] = {}
         self.hook = plugins.pm.hook
         self.paths = {s: os.path.join(run_dir, s) for s in STAGES}
         # A stage not run here takes its checkpoint from from_run: SFT feeds everything
@@ -148,18 +174,16 @@ class Run:
         values = self.c.backend.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
         return dict(zip(keys, values.tolist()))
 
-    def save(self, stage: str, obj: Policy | RewardModel, state: Engine | PreferenceOptimizer | None = None) -> str:
-        """Gather the (possibly sharded) weights on every rank, write a Hugging Face
-        directory atomically on rank 0, and ``state``'s resumable training state beside it
-        (``<stage>_state/``)."""
+    def save(self, stage: str, obj: Policy | RewardModel) -> str:
+        """Gather the (possibly sharded) weights on every rank and write a Hugging Face
+        directory with a manifest, atomically, on rank 0: the stage's product."""
         path = os.path.join(self.run_dir, stage)
         module = getattr(obj, "model", obj)
         with self.c.backend.gathered(module):
             if self.main:
                 with atomic_directory(path) as tmp:
                     obj.save(tmp)
-        if state is not None:
-            state.save_state(os.path.join(self.run_dir, f"{stage}_state"))
+                    write_manifest(tmp, stage=stage, kind="stage")
         self.c.backend.barrier()
         self.paths[stage] = path
         if self.main:
@@ -184,24 +208,213 @@ class Run:
 
         return sample_fn
 
+    # -- checkpoints, resume, guards ------------------------------------------------------
+
+    def warn(self, message: str) -> None:
+        if self.main:
+            print(f"rlhfkit: warning: {message}", file=sys.stderr, flush=True)
+
+    def say(self, message: str) -> None:
+        if self.main:
+            print(f"rlhfkit: {message}", flush=True)
+
+    def train_loop(self, stage: str, total: int, log_every: int, step_fn: Callable[[int], dict[str, float]],
+                   tracked: TrackingBackend, state: dict[str, Any]) -> None:
+        """Run ``step_fn(step)`` (one optimizer step, returning this rank's metrics) for
+        steps 1..``total``: resuming from the stage's last good checkpoint, checkpointing
+        every ``checkpoint.every`` steps, guarding against divergence, and checkpointing
+        then raising :class:`Preempted` on SIGTERM. ``state`` holds what besides the
+        engines and RNGs must be restored (data positions, the algorithm)."""
+        gc, every = self.guard_cfg, self.ckpt_cfg.every
+        guard = Guard(gc.max_bad_steps, gc.kl_bound if stage == "rl" else None)
+        step = 0
+        if self.resuming:
+            step = self.resume_stage(stage, tracked, state, guard)
+        while step < total:
+            step += 1
+            before = tracked.skipped_steps()
+            metrics = step_fn(step)
+            reasons = guard.check(step, tracked.skipped_steps() - before, metrics)
+            self.progress(stage, step, total)
+            if step % log_every == 0 or step == total or reasons:
+                self.log(stage, step, self.mean_over_ranks(metrics) | guard.metrics())
+            if reasons:
+                self.warn(f"[{stage}] bad step {step} ({guard.consecutive} in a row): {'; '.join(reasons)}")
+            if guard.tripped:
+                step = self.rollback(stage, step, tracked, state, guard)
+                continue
+            preempted = self.c.backend.any_rank(self.preemption.requested)
+            if step < total and ((every and step % every == 0 and not guard.consecutive) or preempted):
+                self.save_training(stage, step, tracked, state, guard)
+            if preempted and step < total:
+                raise Preempted(f"SIGTERM: stopped {stage} at step {step}/{total} after writing "
+                                f"{self.store.path(stage, step)}. Continue with: rlhfkit resume={self.run_dir}")
+
+    def save_training(self, stage: str, step: int, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> str:
+        rank = self.c.backend.rank
+
+        def write(tmp: str) -> None:
+            for i, engine in enumerate(tracked.engines):
+                engine.save_state(os.path.join(tmp, f"engine-{i}"))
+            torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+            if self.main:
+                torch.save({"step": step, "engines": len(tracked.engines), "guard": guard.state_dict(),
+                            "state": {k: v.state_dict() for k, v in state.items()}}, os.path.join(tmp, "trainer.pt"))
+
+        path = self.store.save(stage, step, write, engines=len(tracked.engines), world_size=self.c.backend.world_size)
+        if self.main:
+            self.hook.rlhfkit_checkpoint_saved(stage=stage, path=path)
+        return path
+
+    def load_training(self, path: str, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> int:
+        """Restore a training checkpoint in place; return its step."""
+        import pickle
+
+        try:
+            trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
+            if trainer["engines"] != len(tracked.engines):
+                raise CheckpointError(
+                    f"{path} holds {trainer['engines']} trained model(s), but this run trains {len(tracked.engines)} "
+                    "(a different algorithm?). Resume with the run's own settings, or start a new run.")
+            for i, engine in enumerate(tracked.engines):
+                engine.load_state(os.path.join(path, f"engine-{i}"))
+            for name, obj in state.items():
+                obj.load_state_dict(trainer["state"][name])
+            guard.load_state_dict(trainer["guard"])
+            rng = os.path.join(path, f"rng-{self.c.backend.rank}.pt")
+            set_rng_state(torch.load(rng if os.path.exists(rng) else os.path.join(path, "rng-0.pt"), weights_only=True))
+        except CheckpointError:
+            raise
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: a file holds more than tensors and numbers, so rlhfkit will not load it "
+                                  f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # a checkpoint that verifies but does not fit this run
+            raise CheckpointError(f"{path} cannot be loaded into this run: {type(exc).__name__}: {exc}") from exc
+        return int(trainer["step"])
+
+    def resume_stage(self, stage: str, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> int:
+        """Load the newest good checkpoint of ``stage`` (0 if there is none)."""
+        for path in self.store.valid(stage, self.warn):
+            try:
+                step = self.load_training(path, tracked, state, guard)
+            except CheckpointError as exc:
+                self.warn(f"{exc} Trying an older checkpoint.")
+                continue
+            self.say(f"[{stage}] resuming at step {step} from {path}")
+            return step
+        self.say(f"[{stage}] no checkpoint to resume from: starting the stage")
+        return 0
+
+    def rollback(self, stage: str, step: int, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> int:
+        """The guard tripped at ``step``: reload the last good checkpoint with the learning
+        rate times ``guard.lr_factor``, or stop with a report."""
+        gc = self.guard_cfg
+        path = self.store.latest(stage, self.warn) if self.ckpt_cfg.every else None
+        why = None
+        if gc.on_divergence == OnDivergence.stop:
+            why = "guard.on_divergence=stop"
+        elif path is None:
+            why = "there is no checkpoint of this stage to roll back to (set checkpoint.every to a smaller number of steps)"
+        elif guard.rollbacks >= gc.max_rollbacks:
+            why = f"the stage already rolled back guard.max_rollbacks={gc.max_rollbacks} times"
+        if why is not None:
+            report = {"stage": stage, "step": step, "consecutive_bad_steps": guard.consecutive, "bad_steps": guard.history,
+                      "rollbacks": guard.rollbacks, "lr_scale": guard.lr_scale, "last_good_checkpoint": path, "stopped_because": why}
+            if self.main:
+                atomic_write_text(os.path.join(self.run_dir, "divergence.json"), json.dumps(report, indent=2))
+            last = guard.history[-1]["reasons"] if guard.history else []
+            raise DivergenceError(
+                f"{stage} diverged: {guard.consecutive} bad steps in a row up to step {step} ({'; '.join(last)}); stopped because "
+                f"{why}. Report: {os.path.join(self.run_dir, 'divergence.json')}. Lower the learning rate, or resume from "
+                f"{path or 'the start of the stage'} with rlhfkit resume={self.run_dir} and different settings.")
+        current = guard.state_dict()
+        back = self.load_training(path, tracked, state, guard)
+        target = current["lr_scale"] * gc.lr_factor
+        for engine in tracked.engines:
+            engine.scale_lr(target / guard.lr_scale)
+        guard.lr_scale, guard.rollbacks, guard.skipped_total = target, current["rollbacks"] + 1, current["skipped_total"]
+        self.warn(f"[{stage}] diverged at step {step}: rolled back to step {back} ({path}) with the learning rate "
+                  f"x{target:g} (rollback {guard.rollbacks} of at most {gc.max_rollbacks}).")
+        self.log(stage, back, guard.metrics())
+        return back
+
+    def stage_done(self, stage: str) -> bool:
+        """Resuming: ``stage``'s product is on disk and intact."""
+        path = os.path.join(self.run_dir, stage)
+        if not os.path.isdir(path):
+            return False
+        problem = verify(path)
+        if problem:
+            self.warn(f"{path} is incomplete or corrupt ({problem}); running the {stage} stage again from its last checkpoint.")
+        return problem is None
+
+    # -- data checks ----------------------------------------------------------------------
+
+    def bind_data(self, policy: Policy) -> None:
+        """Let the dataset render with the policy's tokenizer; note the model's context."""
+        bind = getattr(self.c.dataset, "bind_tokenizer", None)
+        if bind is not None:
+            bind(policy.tokenizer)
+        self.context = context_length(policy.model)
+
+    def where(self, prompt: str, source: str = "") -> str:
+        return source or getattr(self.c.dataset, "sources", {}).get(prompt) or f"prompt {describe(prompt)}"
+
+    def fit_prompts(self, prompts: Sequence[str], tok: Any, room: int) -> list[str]:
+        """Prompts with ``room`` tokens left in the context (bad ones raise or are counted)."""
+        if not self.context:
+            return list(prompts)
+        out = []
+        for p in prompts:
+            n = len(tok(p, add_special_tokens=False)["input_ids"])
+            if n + room > self.context:
+                self.issues.bad(self.where(p), "prompt longer than the context",
+                                f"{n} tokens + {room} to generate > the model's {self.context}")
+            else:
+                out.append(p)
+        return out
+
+    def report_data(self) -> None:
+        """Log and print the bad-record counts (bad_data=skip) that are new since last time."""
+        counts = dict(getattr(self.c.dataset, "skipped", {}) or {})
+        for k, v in self.issues.skipped.items():
+            counts[k] = counts.get(k, 0) + v
+        if counts != self._reported:
+            self._reported = counts
+            self.log("data", 0, {f"data/skipped/{k}": v for k, v in counts.items()} | {"data/skipped": sum(counts.values())})
+            details = "; ".join(f"{v} x {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            self.warn(f"bad_data=skip: skipped {sum(counts.values())} bad record(s): {details}")
+
     # -- stages ---------------------------------------------------------------------------
 
     def run_sft(self) -> Policy:
         cfg, backend = self.sft_cfg, self.c.backend
         seed_everything(self.cfg.seed)
         policy = self.c.policy.build(self.c.dataset)
+        self.bind_data(policy)
         examples = self.c.dataset.sft_examples("train")
-        if not examples:
-            raise ConfigError("The dataset has no SFT demonstrations (train split).")
         tok = policy.tokenizer
-        rows = [tokenize_pair(tok, e.prompt, e.response) for e in examples]
+        rows = []
+        for e in examples:  # a prompt must fit the context; a response is cut to it
+            ids, plen = tokenize_pair(tok, e.prompt, e.response)
+            if self.context and plen >= self.context:
+                self.issues.bad(self.where(e.prompt, e.source), "prompt longer than the context",
+                                f"{plen} tokens; the model takes {self.context}")
+                continue
+            rows.append((ids[: self.context] if self.context else ids, plen))
+        self.report_data()
+        if not rows:
+            raise ConfigError("The dataset has no usable SFT demonstrations (train split).")
         model = policy.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-        engine = backend.prepare(model, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
-        batches = _epochs(len(rows), cfg.batch_size, self.cfg.seed)
+        tracked = TrackingBackend(backend)
+        engine = tracked.prepare(model, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
+        batches = Batches(len(rows), cfg.batch_size, self.cfg.seed)
         t0, tokens = time.time(), 0
-        for step in range(1, cfg.steps + 1):
+
+        def sft_step(step: int) -> dict[str, float]:
+            nonlocal tokens
             batch = backend.shard([rows[i] for i in next(batches)])  # this rank's share
             with backend.autocast():
                 if cfg.packing:
@@ -215,14 +428,12 @@ class Run:
                 tokens += int(ids.numel())
             engine.backward(loss)
             grad_norm = engine.step()
-            self.progress("sft", step, cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                self.log("sft", step, self.mean_over_ranks({
-                    "loss/sft": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "perf/tokens_per_s": tokens / max(time.time() - t0, 1e-9) * backend.world_size,
-                }))
+            return {"loss/sft": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "perf/tokens_per_s": tokens / max(time.time() - t0, 1e-9) * backend.world_size}
+
+        self.train_loop("sft", cfg.steps, cfg.log_every, sft_step, tracked, {"batches": batches})
         model.eval()
-        self.save("sft", policy, engine)
+        self.save("sft", policy)
         return policy
 
     def run_rm(self) -> RewardModel:
@@ -232,29 +443,32 @@ class Run:
         # stage run alone does, and the in-memory model may be sharded for training.
         sft_policy = self.c.policy.load(self.paths["sft"])
         sft_policy.model = backend.prepare_frozen(sft_policy.model)
+        self.bind_data(sft_policy)
         sampler = self.sampler(sft_policy, self.rl_cfg.rollout)
-        train = self.c.dataset.comparisons("train", sampler)
-        test = self.c.dataset.comparisons("test", sampler)
+        train = self.fit_comparisons(self.c.dataset.comparisons("train", sampler), sft_policy.tokenizer)
+        test = self.fit_comparisons(self.c.dataset.comparisons("test", sampler), sft_policy.tokenizer)
+        self.report_data()
         if not train:
-            raise ConfigError("The dataset has no comparisons for the reward model (train split).")
+            raise ConfigError("The dataset has no usable comparisons for the reward model (train split).")
         tok = sft_policy.tokenizer
         rm = self.c.reward_model.build(self.paths["sft"], self.c.reward_head)
         optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         units = train if cfg.loss == RMLoss.kwise else _as_pairs(train)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, steps, cfg.min_lr_ratio))
-        engine = backend.prepare(rm, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
-        batches = _epochs(len(units), cfg.batch_size, self.cfg.seed + 1)
-        for step in range(1, steps + 1):
+        tracked = TrackingBackend(backend)
+        engine = tracked.prepare(rm, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
+        batches = Batches(len(units), cfg.batch_size, self.cfg.seed + 1)
+
+        def rm_step(step: int) -> dict[str, float]:
             batch = backend.shard([units[i] for i in next(batches)])
             with backend.autocast():
                 loss, acc = self._rm_loss(engine, tok, batch)
             engine.backward(loss)
             grad_norm = engine.step()
-            self.progress("rm", step, steps)
-            if step % cfg.log_every == 0 or step == steps:
-                self.log("rm", step, self.mean_over_ranks(
-                    {"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}))
+            return {"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+        self.train_loop("rm", steps, cfg.log_every, rm_step, tracked, {"batches": batches})
         rm.eval()
         metrics = {"rm/accuracy": self.rm_accuracy(rm, tok, test)}
         if cfg.normalize:
@@ -263,8 +477,22 @@ class Run:
             rm.set_bias(bias)
             metrics["rm/bias"] = bias
         self.log("rm", steps, metrics)
-        self.save("rm", rm, engine)
+        self.save("rm", rm)
         return rm
+
+    def fit_comparisons(self, comparisons: Sequence[Comparison], tok: Any) -> list[Comparison]:
+        """Comparisons whose prompt leaves room for a response in the context."""
+        if not self.context:
+            return list(comparisons)
+        out = []
+        for c in comparisons:
+            n = len(tok(c.prompt, add_special_tokens=False)["input_ids"])
+            if n >= self.context:
+                self.issues.bad(self.where(c.prompt, c.source), "prompt longer than the context",
+                                f"{n} tokens; the model takes {self.context}")
+            else:
+                out.append(c)
+        return out
 
     def _rm_loss(self, model, tok, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss over this rank's share of the batch, normalised so that the average
@@ -273,14 +501,14 @@ class Run:
         if self.rm_cfg.loss == RMLoss.kwise:
             prompts = [c.prompt for c in batch for _ in c.responses]
             responses = [r for c in batch for r in c.responses]
-            e = encode_pairs(tok, prompts, responses, self.device)
+            e = encode_pairs(tok, prompts, responses, self.device, max_length=self.context)
             rewards = model(e.input_ids, e.attention_mask)  # (sum K,) each completion once
             win, lose, group = comparison_pairs([c.scores for c in batch])
             n_with_pairs = float(len(set(group.tolist())))
             denom = dp_denominator(n_with_pairs, backend.all_reduce_sum, backend.world_size)
             return kwise_loss(rewards, win, lose, group, len(batch), denom=denom)
         prompts = [p for p, _, _ in batch] * 2
-        e = encode_pairs(tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], self.device)
+        e = encode_pairs(tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], self.device, max_length=self.context)
         rewards = model(e.input_ids, e.attention_mask)
         denom = dp_denominator(float(len(batch)), backend.all_reduce_sum, backend.world_size)
         return pairwise_loss(rewards[: len(batch)], rewards[len(batch) :], denom=denom)
@@ -290,7 +518,7 @@ class Run:
         out = []
         bs = self.eval_cfg.batch_size
         for i in range(0, len(prompts), bs):
-            e = encode_pairs(tok, prompts[i : i + bs], responses[i : i + bs], self.device)
+            e = encode_pairs(tok, prompts[i : i + bs], responses[i : i + bs], self.device, max_length=self.context)
             with self.c.backend.autocast():
                 out.append(rm(e.input_ids, e.attention_mask).float())
         return torch.cat(out)
@@ -316,7 +544,11 @@ class Run:
         reference.model = backend.prepare_frozen(reference.model)
         # from disk, not the RM stage's object: under ZeRO-3 that one is sharded for training
         rm = backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
-        demos = self.c.dataset.sft_examples("train")
+        self.bind_data(policy)
+        tok = policy.tokenizer
+        # PPO-ptx demonstrations: those that fit the context whole
+        demos = [d for d in self.c.dataset.sft_examples("train")
+                 if not self.context or len(tokenize_pair(tok, d.prompt, d.response)[0]) <= self.context]
 
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(policy.model)
@@ -328,34 +560,43 @@ class Run:
                 enable_gradient_checkpointing(getattr(critic, "backbone", critic))
             return critic
 
+        sft_batches = Batches(len(demos), 32, self.cfg.seed + 7, transform=lambda idx: [demos[i] for i in idx]) if demos else None
+        tracked = TrackingBackend(backend)  # the engines the algorithm prepares are checkpointed and guarded
         ctx = RLContext(
-            policy=policy, reference=reference, reward_model=rm, backend=backend, rollout=cfg.rollout,
-            total_steps=cfg.steps, make_critic=make_critic, sft_batches=_example_batches(demos, self.cfg.seed),
+            policy=policy, reference=reference, reward_model=rm, backend=tracked, rollout=cfg.rollout,
+            total_steps=cfg.steps, make_critic=make_critic, sft_batches=sft_batches,
             generate=self.c.generator, scoring=cfg.scoring,
         )
         algorithm: PreferenceOptimizer = self.registry.build("algorithm", self.c.algorithm_node)
         algorithm.setup(ctx)
-        prompts = self.c.dataset.prompts("train")
-        batches = _epochs(len(prompts), cfg.prompts_per_step, self.cfg.seed + 2)
-        eval_prompts = self.eval_prompts()
-        for step in range(1, cfg.steps + 1):
+        prompts = self.fit_prompts(self.c.dataset.prompts("train"), tok, cfg.rollout.max_new_tokens)
+        self.report_data()
+        if not prompts:
+            raise ConfigError("The dataset has no usable RL prompts (train split).")
+        batches = Batches(len(prompts), cfg.prompts_per_step, self.cfg.seed + 2)
+        eval_prompts = self.eval_prompts(tok)
+
+        def rl_step(step: int) -> dict[str, float]:
             t0 = time.time()
             metrics = self.mean_over_ranks(algorithm.step([prompts[i] for i in next(batches)]))
             metrics["perf/step_s"] = time.time() - t0
-            self.progress("rl", step, cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                self.log("rl", step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 result = self.evaluate(policy, reference, rm, eval_prompts)
                 self.log("rl", step, {f"eval/{k}": v for k, v in result.metrics.items()})
+            return metrics
+
+        state = {"batches": batches, "algorithm": algorithm} | ({"sft_batches": sft_batches} if sft_batches else {})
+        self.train_loop("rl", cfg.steps, cfg.log_every, rl_step, tracked, state)
         policy.model.eval()
-        self.save("rl", policy, algorithm)
+        self.save("rl", policy)
         return policy, algorithm
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def eval_prompts(self) -> list[str]:
-        return self.c.dataset.prompts("test")[: self.eval_cfg.num_prompts]
+    def eval_prompts(self, tok: Any) -> list[str]:
+        prompts = self.fit_prompts(self.c.dataset.prompts("test"), tok, self.rl_cfg.rollout.max_new_tokens)
+        self.report_data()
+        return prompts[: self.eval_cfg.num_prompts]
 
     @torch.no_grad()
     def evaluate(self, policy: Policy, reference: Policy, rm: RewardModel | None, prompts: Sequence[str]) -> "EvalResult":
@@ -418,23 +659,21 @@ class Run:
         return summary
 
     def _stages(self) -> dict[str, Any]:
-        stages = self.cfg.stages
         t0 = time.time()
         timings: dict[str, float] = {}
-        if "sft" in stages:
-            self.run_sft()
-            timings["sft"] = time.time() - t0
-        if "rm" in stages:
+        runners = {"sft": self.run_sft, "rm": self.run_rm, "rl": self.run_rl}
+        with self.preemption:
+            for stage in [s for s in STAGES if s in self.cfg.stages]:
+                if self.resuming and self.stage_done(stage):
+                    self.say(f"[{stage}] already complete in {self.paths[stage]}: skipping it")
+                    continue
+                if self.c.backend.any_rank(self.preemption.requested):
+                    raise Preempted(f"SIGTERM: stopped before the {stage} stage. Continue with: rlhfkit resume={self.run_dir}")
+                t = time.time()
+                runners[stage]()
+                timings[stage] = time.time() - t
             t = time.time()
-            self.run_rm()
-            timings["rm"] = time.time() - t
-        rl_policy = None
-        if "rl" in stages:
-            t = time.time()
-            rl_policy, _ = self.run_rl()
-            timings["rl"] = time.time() - t
-        t = time.time()
-        table = self.final_evaluation(rl_policy)
+            table = self.final_evaluation()
         timings["eval"] = time.time() - t
         table["seconds"] = {**timings, "total": time.time() - t0}
         if self.main:
@@ -442,16 +681,27 @@ class Run:
             print(format_table(table), flush=True)
         return table
 
-    def final_evaluation(self, rl_policy: Policy | None) -> dict[str, Any]:
-        """Evaluate the SFT policy and (if trained) the RL policy on the same held-out prompts."""
+    def final_evaluation(self) -> dict[str, Any]:
+        """Evaluate the SFT policy and (if trained here) the RL policy on the same held-out
+        prompts, both loaded from their checkpoints: a resumed run scores exactly what an
+        uninterrupted one does."""
+        rl_policy = None
+        if "rl" in self.cfg.stages:
+            rl_policy = self.c.policy.load(self.paths["rl"])
+            rl_policy.model = self.c.backend.prepare_frozen(rl_policy.model)
         # fresh from the checkpoints: the stages' own objects may be sharded for training
         sft = self.c.policy.load(self.paths["sft"])
         sft.model = self.c.backend.prepare_frozen(sft.model)
+        self.bind_data(sft)
         rm = None
         if os.path.isdir(self.paths["rm"]):
             rm = self.c.backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
-        prompts = self.eval_prompts()
+        prompts = self.eval_prompts(sft.tokenizer)
+        if not prompts:
+            raise ConfigError("The dataset has no usable held-out prompts to evaluate on (test split).")
         table: dict[str, Any] = {"num_prompts": len(prompts), "policies": {}}
+        if self._reported:
+            table["data_skipped"] = dict(self._reported)
         base = self.evaluate(sft, sft, rm, prompts)
         table["policies"]["sft"] = base.metrics
         self.log("eval", 0, {f"sft/{k}": v for k, v in base.metrics.items()})
@@ -501,21 +751,6 @@ def format_table(table: dict[str, Any]) -> str:
     if "seconds" in table:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in table["seconds"].items()))
     return "\n".join(lines)
-
-
-def _epochs(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless shuffled batches of indices, reshuffled every epoch, deterministic in seed."""
-    g = torch.Generator().manual_seed(seed)
-    batch_size = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=g).tolist()
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
-
-
-def _example_batches(examples: list[Example], seed: int, batch_size: int = 32) -> Iterator[list[Example]]:
-    for idx in _epochs(len(examples), batch_size, seed + 7):
-        yield [examples[i] for i in idx]
 
 
 def _as_pairs(comparisons: Sequence[Comparison]) -> list[tuple[str, str, str]]:

@@ -134,6 +134,8 @@ class Registry:
                     f"`defaults: [/schema/{group}/<name>@_here_, _self_]`."
                 )
             entry = self.get(group, str(name))
+            # resolve interpolations against the whole run config (on_error: ${bad_data}) first
+            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
             merged = OmegaConf.merge(OmegaConf.structured(entry.stored_schema), node)
             return entry, OmegaConf.to_object(merged)
         name = getattr(node, NAME_KEY, None)

@@ -76,9 +76,14 @@ def pad_rows(rows: Sequence[tuple[list[int], int]], pad_id: int, device: torch.d
 
 
 def encode_pairs(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], device: torch.device, add_eos: bool = True
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], device: torch.device, add_eos: bool = True,
+    max_length: int | None = None,
 ) -> Encoded:
+    """Right-padded prompt + response rows, each cut to ``max_length`` tokens (the model's
+    context) if given."""
     rows = [tokenize_pair(tokenizer, p, r, add_eos) for p, r in zip(prompts, responses)]
+    if max_length:
+        rows = [(ids[:max_length], min(plen, max_length)) for ids, plen in rows]
     return pad_rows(rows, tokenizer.pad_token_id, device)
 
 

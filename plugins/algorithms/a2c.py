@@ -11,7 +11,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
@@ -118,16 +117,13 @@ class A2C:
         out["perf/update_s"] = time.time() - t0 - t_rollout
         return out
 
-    def save_state(self, path: str) -> None:
-        save_training_state(path, {"policy": self.policy, "value": self.value}, {"kl": self.kl.state_dict()}, self.ctx.backend.is_main)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict(), "value": self.value.state_dict()}
+        """The KL controller. The engines (weights, optimizers) are
+        checkpointed by the pipeline."""
+        return {"kl": self.kl.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl.load_state_dict(state["kl"])
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
 
 
 @hookimpl

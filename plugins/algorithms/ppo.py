@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.checkpoint import save_training_state
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import Backend, RLContext
@@ -180,16 +179,14 @@ class PPO:
             "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
         }
 
-    def save_state(self, path: str) -> None:
-        save_training_state(path, {"policy": self.policy, "value": self.value}, {"kl": self.kl.state_dict()}, self.ctx.backend.is_main)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict(), "policy": self.policy.state_dict(), "value": self.value.state_dict()}
+        """The KL controller and the minibatch shuffler. The engines (weights, optimizers) are
+        checkpointed by the pipeline."""
+        return {"kl": self.kl.state_dict(), "shuffle": self.shuffle.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl.load_state_dict(state["kl"])
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
+        self.shuffle.set_state(state["shuffle"])
 
 
 @hookimpl

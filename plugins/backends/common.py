@@ -3,60 +3,115 @@ Functions and one small engine class, not a backend base class."""
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import socket
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 STATE_FILE = "engine_state.pt"
+WEIGHTS_FILE = "model.safetensors"
 
 
 class LocalEngine:
     """A model, its optimizer and scheduler, stepped in this process. ``forward`` may be a
-    wrapper of ``module`` (DistributedDataParallel) that syncs gradients."""
+    wrapper of ``module`` (DistributedDataParallel) that syncs gradients; ``any_rank``
+    ORs a flag over the ranks so that every rank skips the same steps."""
 
-    def __init__(self, module, optimizer, scheduler, max_grad_norm, forward=None, is_main: bool = True):
+    def __init__(self, module, optimizer, scheduler, max_grad_norm, forward=None, is_main: bool = True,
+                 any_rank: Callable[[bool], bool] | None = None):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
         self._forward = forward if forward is not None else module
         self._is_main = is_main
+        self._any_rank = any_rank
+        self._bad_loss = False
+        self.skipped_steps = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        self._bad_loss |= not bool(torch.isfinite(loss.detach()).all())
         loss.backward()  # gradients accumulate in .grad until step()
 
     def step(self) -> float:
+        """Clip and step; a non-finite loss or gradient norm skips the update (optimizer
+        and scheduler) and counts it in ``skipped_steps``."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         limit = self.max_grad_norm if self.max_grad_norm else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        bad = self._bad_loss or not math.isfinite(norm)
+        if self._any_rank is not None:
+            bad = self._any_rank(bad)
+        if bad:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        self._bad_loss = False
+        return norm if not bad or not math.isfinite(norm) else float("nan")
+
+    def scale_lr(self, factor: float) -> None:
+        scale_lr(self.optimizer, self.scheduler, factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def save_state(self, path: str) -> None:
+        """The weights (safetensors) and the optimizer and scheduler state (tensors and
+        numbers only, read back with ``weights_only=True``)."""
         if self._is_main:  # replicated state: one copy is enough
+            from safetensors.torch import save_model
+
             os.makedirs(path, exist_ok=True)
+            save_model(self.module, os.path.join(path, WEIGHTS_FILE))
             torch.save(self.state_dict(), os.path.join(path, STATE_FILE))
 
     def load_state(self, path: str) -> None:
-        self.load_state_dict(torch.load(os.path.join(path, STATE_FILE), weights_only=True))
+        from safetensors.torch import load_model
+
+        from rlhfkit.errors import CheckpointError
+
+        try:
+            if os.path.exists(os.path.join(path, WEIGHTS_FILE)):  # in place: the optimizer keeps its parameters
+                load_model(self.module, os.path.join(path, WEIGHTS_FILE), strict=True, device=str(_device_of(self.module)))
+            state = torch.load(os.path.join(path, STATE_FILE), weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{os.path.join(path, STATE_FILE)} holds more than tensors and numbers, so rlhfkit will not load it "
+                f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}"
+            ) from None
+        self.load_state_dict(state)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
+
+
+def scale_lr(optimizer, scheduler, factor: float) -> None:
+    """Multiply the learning rate by ``factor`` now and for the rest of the schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
 
 
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
@@ -117,3 +172,7 @@ class Collectives:
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
         return gather_objects(items, self.world_size)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)

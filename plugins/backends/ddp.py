@@ -45,7 +45,8 @@ class DDPBackend(common.Collectives):
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.cfg.find_unused_parameters,
         )
-        return common.LocalEngine(model, optimizer, scheduler, max_grad_norm, forward=ddp, is_main=self.is_main)
+        return common.LocalEngine(model, optimizer, scheduler, max_grad_norm, forward=ddp, is_main=self.is_main,
+                                  any_rank=self.any_rank if self.world_size > 1 else None)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device).eval().requires_grad_(False)

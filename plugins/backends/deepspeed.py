@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -81,22 +82,42 @@ def fill_auto(ds_config: dict[str, Any], batch_size: int | None, world_size: int
 class DeepSpeedEngineAdapter:
     """The Engine Protocol over a ``deepspeed.DeepSpeedEngine``."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, any_rank: Callable[[bool], bool]):
         self.engine = engine
         self.module = engine.module
+        self._any_rank = any_rank
+        self._bad = False
+        self.skipped_steps = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # A non-finite loss on any rank: no backward for the rest of this optimizer step,
+        # on every rank (ZeRO would otherwise reduce NaN gradients into the partitions).
+        self._bad = self._bad or self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
+        if self._bad:
+            return
         # accumulating micro-batches: reduce and step only at the last one
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
 
     def step(self) -> float:
+        """Step; a non-finite loss (checked here) or gradient (ZeRO's overflow check)
+        skips the update and counts it in ``skipped_steps``."""
+        if self._bad:
+            self._bad = False
+            self.engine.zero_grad()
+            self.skipped_steps += 1
+            return float("nan")
         self.engine.step()
+        if not self.engine.was_step_applied():
+            self.skipped_steps += 1
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    def scale_lr(self, factor: float) -> None:
+        common.scale_lr(self.engine.optimizer, self.engine.lr_scheduler, factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # sharded across ranks: see save_state
@@ -105,10 +126,57 @@ class DeepSpeedEngineAdapter:
         pass
 
     def save_state(self, path: str) -> None:
-        self.engine.save_checkpoint(path, tag="state")
+        self.engine.save_checkpoint(path, tag="state", client_state={"rlhfkit_skipped_steps": self.skipped_steps})
 
     def load_state(self, path: str) -> None:
-        self.engine.load_checkpoint(path, tag="state", load_module_strict=True)
+        with _weights_only_loads(self.engine):
+            _, client = self.engine.load_checkpoint(path, tag="state", load_module_strict=True)
+        self.skipped_steps = int((client or {}).get("rlhfkit_skipped_steps", 0))
+
+
+@contextlib.contextmanager
+def _weights_only_loads(engine):
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which
+    runs whatever a pickle says. Read them with ``weights_only=True`` instead, allowing only
+    the few plain DeepSpeed types its checkpoints hold."""
+    import pickle
+
+    from rlhfkit.errors import CheckpointError
+
+    ckpt = engine.checkpoint_engine
+    original = ckpt.load
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path} holds more than tensors and DeepSpeed's plain types, so rlhfkit will not load it "
+                f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}"
+            ) from None
+
+    ckpt.load = load
+    try:
+        yield
+    finally:
+        ckpt.load = original
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    out: list[Any] = []
+    for module, names in {
+        "deepspeed.runtime.fp16.loss_scaler": ["LossScaler", "DynamicLossScaler"],
+        "deepspeed.runtime.zero.config": ["ZeroStageEnum"],
+        "deepspeed.utils.tensor_fragment": ["fragment_address"],
+        "deepspeed.runtime.zero.offload_config": ["OffloadDeviceEnum"],
+    }.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        out += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return out
 
 
 class DeepSpeedBackend(common.Collectives):
@@ -137,7 +205,7 @@ class DeepSpeedBackend(common.Collectives):
         config = fill_auto(self.ds_config, batch_size, self.world_size, max_grad_norm)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         engine.train()
-        return DeepSpeedEngineAdapter(engine)
+        return DeepSpeedEngineAdapter(engine, self.any_rank)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         model.requires_grad_(False)

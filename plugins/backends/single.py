@@ -71,6 +71,9 @@ class SingleDevice:
     def gather_objects(self, items: list[Any]) -> list[Any]:
         return list(items)
 
+    def any_rank(self, flag: bool) -> bool:
+        return bool(flag)
+
     def gathered(self, module: torch.nn.Module):
         return contextlib.nullcontext()
 

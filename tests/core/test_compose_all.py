@@ -30,11 +30,15 @@ def clean_dist_env(monkeypatch):
         dist.destroy_process_group()
 
 
+# options that need a setting to build (files are read lazily, so none need to exist)
+REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"]}
+
+
 @pytest.mark.parametrize("group,name", _options())
 def test_option_composes_and_builds(group, name, clean_dist_env):
     registry = setup()[1]
     choice = f"{group}=[{name}]" if group in MULTI_GROUPS else f"{group}={name}"
-    cfg = compose(SMOKE + [choice])
+    cfg = compose(SMOKE + [choice] + REQUIRED.get((group, name), []))
     node = cfg[group][name] if group in MULTI_GROUPS else cfg[group]
     entry, typed = registry.config_of(group, node)
     # a plugin builds itself; a YAML preset (zero3) builds the plugin whose schema it extends

@@ -96,14 +96,18 @@ def test_dropout_is_off_during_rl(rl_ctx):
     assert all(m.p == 0.0 for m in rl_ctx.policy.model.modules() if isinstance(m, torch.nn.Dropout))
 
 
-def test_training_state_holds_both_optimizers_and_the_kl_controller(rl_ctx, tmp_path):
-    import json
+def test_resumable_state_is_the_kl_controller_and_shuffler_and_the_pipeline_sees_both_engines(rl_ctx, tmp_path):
+    from rlhfkit.resume import TrackingBackend
 
+    rl_ctx.backend = tracked = TrackingBackend(rl_ctx.backend)
     ppo = PPO(PPOConfig(adaptive_kl=True, kl_coef=0.1, target_kl=6.0, kl_horizon=100, ppo_epochs=1))
     ppo.setup(rl_ctx)
     ppo.step(["copy a b c ="] * 4)
-    ppo.save_state(str(tmp_path))
-    assert json.load(open(tmp_path / "algorithm.json"))["kl"]["value"] == pytest.approx(ppo.kl.value)
-    for name, engine in (("policy", ppo.policy), ("value", ppo.value)):
-        state = torch.load(tmp_path / name / "engine_state.pt", weights_only=True)
-        assert state["optimizer"]["state"], name  # Adam moments after one update
+    assert [e.module for e in tracked.engines] == [ppo.policy.module, ppo.value.module]  # policy and critic
+    torch.save(ppo.state_dict(), tmp_path / "algo.pt")
+    state = torch.load(tmp_path / "algo.pt", weights_only=True)  # tensors and numbers only
+    fresh = PPO(PPOConfig(adaptive_kl=True, kl_coef=0.1, target_kl=6.0, kl_horizon=100))
+    fresh.shuffle = torch.Generator()
+    fresh.load_state_dict(state)
+    assert fresh.kl.value == ppo.kl.value != 0.1
+    assert torch.equal(torch.randperm(50, generator=fresh.shuffle), torch.randperm(50, generator=ppo.shuffle))

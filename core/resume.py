@@ -1,0 +1,204 @@
+"""What a stage needs to stop anywhere and continue exactly: RNG states, data positions,
+SIGTERM handling, the engines a stage prepared, and the divergence guard.
+
+The pipeline checkpoints a stage as ``checkpoints/<stage>/step-<N>/`` (see
+:class:`rlhfkit.checkpoint.CheckpointStore`)::
+
+    engine-0/ engine-1/ ...   each engine's save_state (weights, optimizer, scheduler)
+    rng-<rank>.pt             this rank's Python, NumPy, torch and CUDA RNG states
+    trainer.pt                step, data positions, the algorithm's and the guard's state
+    manifest.json             size and SHA-256 of every file, written last
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+
+
+class Preempted(RlhfkitError):
+    """SIGTERM arrived; a checkpoint was written. Exit code 143."""
+
+
+class DivergenceError(RlhfkitError):
+    """The divergence guard stopped the run. Exit code 3."""
+
+
+# --- RNG --------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG, as tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# --- data position -----------------------------------------------------------------------
+
+
+class Batches:
+    """Endless shuffled batches of indices into ``n`` items, reshuffled every epoch,
+    deterministic in ``seed``. Its state is the number of batches drawn: loading it
+    replays the shuffles up to there (index permutations only, no data is touched)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, transform: Callable[[list[int]], Any] | None = None):
+        if n < 1:
+            raise ValueError("Batches needs at least one item.")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.transform = transform
+        self.drawn = 0
+        self._it = self._indices()
+
+    def _indices(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            perm = torch.randperm(self.n, generator=g).tolist()
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
+                yield perm[i : i + self.batch_size]
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Any:
+        self.drawn += 1
+        idx = next(self._it)
+        return self.transform(idx) if self.transform else idx
+
+    def state_dict(self) -> dict[str, int]:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.drawn, self._it = 0, self._indices()
+        for _ in range(int(state["drawn"])):
+            next(self._it)
+        self.drawn = int(state["drawn"])
+
+
+# --- preemption -----------------------------------------------------------------------------
+
+
+class Preemption:
+    """While entered, SIGTERM sets :attr:`requested` instead of killing the process; the
+    training loop checkpoints at the next step boundary and raises :class:`Preempted`.
+    Outside the main thread (no signal handlers there) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# --- the engines of a stage ---------------------------------------------------------------
+
+
+class TrackingBackend:
+    """The run's backend, recording every engine prepared through it (in order), so that
+    the pipeline can checkpoint, guard and roll back the engines an algorithm made."""
+
+    def __init__(self, backend: Any):
+        self._backend = backend
+        self.engines: list[Any] = []
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self._backend.prepare(*args, **kwargs)
+        self.engines.append(engine)
+        return engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def skipped_steps(self) -> int:
+        return sum(int(getattr(e, "skipped_steps", 0)) for e in self.engines)
+
+
+# --- the divergence guard ------------------------------------------------------------------
+
+
+@dataclass
+class Guard:
+    """Counts consecutive bad steps of one stage. A bad step: an engine skipped its update
+    (non-finite loss or gradient, decided alike on every rank), or the RL rollout KL is
+    past ``kl_bound``."""
+
+    max_bad_steps: int
+    kl_bound: float | None = None
+    consecutive: int = 0
+    skipped_total: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self, step: int, skipped: int, metrics: dict[str, float]) -> list[str]:
+        """Record ``step``; return why it was bad (empty if it was good)."""
+        reasons = []
+        if skipped:
+            reasons.append(f"{skipped} update(s) skipped: non-finite loss or gradient")
+        kl = metrics.get("rollout/kl")  # the same on every rank: RL metrics are averaged
+        if self.kl_bound is not None and kl is not None and not (kl <= self.kl_bound):
+            reasons.append(f"rollout KL {kl:.3g} past guard.kl_bound={self.kl_bound:g}")
+        self.skipped_total += skipped
+        if reasons:
+            self.consecutive += 1
+            self.history = (self.history + [{"step": step, "reasons": reasons}])[-20:]
+        else:
+            self.consecutive = 0
+        return reasons
+
+    @property
+    def tripped(self) -> bool:
+        return self.consecutive >= self.max_bad_steps
+
+    def metrics(self) -> dict[str, float]:
+        return {"guard/skipped_steps": float(self.skipped_total), "guard/rollbacks": float(self.rollbacks),
+                "guard/lr_scale": self.lr_scale}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_total": self.skipped_total, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_total = int(state["skipped_total"])
+        self.rollbacks = int(state["rollbacks"])
+        self.lr_scale = float(state["lr_scale"])
+        self.consecutive = 0
