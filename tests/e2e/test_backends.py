@@ -71,7 +71,7 @@ def test_two_ranks_follow_the_single_process_trajectory(backend, reference, tmp_
     assert len(got["sft"]) == 8
     for stage in ("sft", "rm", "rl"):
         assert os.path.isfile(os.path.join(run_dir, stage, "model.safetensors"))
-        assert os.path.isdir(os.path.join(run_dir, f"{stage}_state"))  # resumable training state
+        assert os.path.isfile(os.path.join(run_dir, stage, "manifest.json"))
 
 
 @pytest.mark.parametrize("backend", ["zero2", "zero3"])
@@ -105,6 +105,23 @@ def test_zero3_checkpoint_loads_in_one_process_and_resumes_there(reference, tmp_
     r = run_cli(COMMON + ["stages=[rl]", f"from_run={run_dir}", f"hydra.run.dir={again}"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert trajectory(again)["rl_policy"] == pytest.approx(trajectory(ref_dir)["rl_policy"], rel=1e-3, abs=2e-4)
+
+
+def test_zero2_resumes_from_its_sharded_checkpoint(tmp_path):
+    """The RL stage's ZeRO-2 checkpoint (sharded optimizer state, read back with
+    weights_only) continues the 2-rank run to the same result."""
+    import shutil
+
+    run_dir = str(tmp_path / "zero2")
+    torchrun(COMMON + ["backend=zero2", "checkpoint.every=2", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
+    first = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert os.listdir(os.path.join(run_dir, "checkpoints", "rl")) == ["step-00000002"]
+    shutil.rmtree(os.path.join(run_dir, "rl"))  # as if killed during the last RL step
+    os.unlink(os.path.join(run_dir, "eval.json"))
+    r = torchrun([f"resume={run_dir}"], cwd=str(tmp_path))
+    assert "[rl] resuming at step 2" in r.stdout
+    again = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert again["policies"] == first["policies"]
 
 
 def test_a2c_under_zero2(tmp_path):

@@ -1,0 +1,111 @@
+"""Killed runs resume to the same result, bit for bit on CPU: real subprocesses are killed
+(SIGKILL) or preempted (SIGTERM) mid-stage and continued with resume=..."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ..helpers import SMOKE, run_cli
+
+pytestmark = pytest.mark.slow
+
+ARGS = SMOKE + ["checkpoint.every=2", "rl.steps=8", "rm.epochs=2", "logger=[jsonl]"]
+
+
+def _result(run_dir):
+    table = json.load(open(os.path.join(run_dir, "eval.json")))
+    table.pop("seconds")
+    weights = open(os.path.join(run_dir, "rl", "model.safetensors"), "rb").read()
+    return table, weights
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    r = run_cli(ARGS + [f"hydra.run.dir={run_dir}"], cwd=os.path.dirname(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _result(run_dir)
+
+
+def _start_and_signal(args, cwd, wait_for, sig):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(wait_for):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("at", ["sft/step-00000010", "rm/step-00000002", "rl/step-00000004"])
+def test_sigkill_mid_stage_then_resume_matches_the_uninterrupted_run(at, uninterrupted, tmp_path):
+    run_dir = str(tmp_path / "run")
+    rc, _, _ = _start_and_signal(ARGS + [f"hydra.run.dir={run_dir}"], str(tmp_path),
+                                 os.path.join(run_dir, "checkpoints", at), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run_dir, "eval.json"))
+    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))  # the run's own overrides are reused
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage = at.split("/")[0]
+    assert f"[{stage}] resuming at step" in r.stdout
+    table, weights = _result(run_dir)
+    ref_table, ref_weights = uninterrupted
+    assert table == ref_table  # every metric, exactly
+    assert weights == ref_weights
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes(uninterrupted, tmp_path):
+    run_dir = str(tmp_path / "run")
+    rc, _, err = _start_and_signal(ARGS + ["checkpoint.every=100", f"hydra.run.dir={run_dir}"], str(tmp_path),
+                                   os.path.join(run_dir, "rm", "manifest.json"), signal.SIGTERM)
+    assert rc == 143, err[-2000:]
+    assert "SIGTERM" in err and f"resume={run_dir}" in err
+    ckpts = os.listdir(os.path.join(run_dir, "checkpoints", "rl"))  # every=100: only the preemption one
+    assert len(ckpts) == 1
+    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _result(run_dir) == uninterrupted
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp_path):
+    run_dir = str(tmp_path / "run")
+    rc, _, _ = _start_and_signal(ARGS + [f"hydra.run.dir={run_dir}"], str(tmp_path),
+                                 os.path.join(run_dir, "checkpoints", "rl", "step-00000004"), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    ckdir = os.path.join(run_dir, "checkpoints", "rl")
+    newest = sorted(os.listdir(ckdir))[-1]
+    with open(os.path.join(ckdir, newest, "engine-0", "model.safetensors"), "r+b") as f:
+        f.truncate(100)  # a torn write
+    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{newest} is corrupt or partial: engine-0/model.safetensors" in r.stderr
+    assert _result(run_dir) == uninterrupted
+
+
+def test_resume_true_continues_the_newest_run_under_outputs_and_overrides_win(tmp_path):
+    args = SMOKE + ["stages=[sft]", "sft.steps=6", "checkpoint.every=2", "logger=[jsonl]"]
+    os.makedirs(tmp_path / "outputs" / "2026-01-01" / "00-00-00")  # an older, unrelated directory
+    r = run_cli(args, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # a finished stage is not run again: its product is on disk and verifies
+    r = run_cli(["resume=true", "sft.steps=8"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[sft] already complete" in r.stdout
+    runs = [d for d in (tmp_path / "outputs").glob("*/*") if (d / "config.yaml").exists()]
+    assert len(runs) == 1  # no new run directory
+    assert "steps: 8" in (runs[0] / "config.yaml").read_text()
+
+
+def test_resume_of_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
+    r = run_cli([f"resume={tmp_path}"], cwd=str(tmp_path))
+    assert r.returncode == 2
+    assert "not an rlhfkit run directory" in r.stderr

@@ -1,0 +1,235 @@
+"""data=files / data=jsonl: every format, field mapping, each kind of bad record as a
+clear error or a count, and the loaders fuzzed with hypothesis."""
+
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.interfaces import Comparison, Example
+from rlhfkit.plugins.datasets.files import FileData, FileDataConfig, render_plain, split_transcript
+
+
+def _jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def data(path, **kw):
+    return FileData(FileDataConfig(path=str(path), test_fraction=0.0, **kw))
+
+
+def test_prompt_completion_and_messages(tmp_path):
+    p = _jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "2+2=", "completion": " 4"},
+        {"prompt": "hi", "response": "hello"},
+        {"messages": [{"role": "user", "content": "name?"}, {"role": "assistant", "content": "Bob"}]},
+    ])
+    d = data(p)
+    ex = d.sft_examples("train")
+    assert ex[:2] == [Example("2+2=", " 4"), Example("hi", "hello")]
+    assert ex[2] == Example("\n\nHuman: name?\n\nAssistant:", "Bob")
+    assert d.prompts("train") == ["2+2=", "hi", "\n\nHuman: name?\n\nAssistant:"]
+    assert ex[0].source == f"{p}:1"
+
+
+def test_messages_use_the_tokenizers_chat_template(tmp_path):
+    p = _jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    d = data(p)
+    d.bind_tokenizer(Tok())
+    assert d.sft_examples("train") == [Example("<user>q<assistant>", "a")]
+
+
+def test_pairs_hh_and_ranked_with_ties(tmp_path):
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant:"
+    p = _jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "p", "chosen": "good", "rejected": "bad"},
+        {"chosen": hh + " a good one", "rejected": hh + " no"},
+        {"prompt": "q", "responses": ["a", "b", "c", "d"], "ranking": [2, 1, 2, 3]},
+        {"prompt": "r", "responses": ["x", "y"], "scores": [0.1, 0.9]},
+    ])
+    d = data(p)
+    c = d.comparisons("train", sample=None)
+    assert c[0] == Comparison("p", ("good", "bad"), (1.0, 0.0))
+    assert c[1] == Comparison(hh, ("a good one", "no"), (1.0, 0.0))
+    assert c[2] == Comparison("q", ("a", "b", "c", "d"), (-2.0, -1.0, -2.0, -3.0))  # a and c tie
+    assert c[3].scores == (0.1, 0.9)
+    # preferences also feed SFT (the best response) and RL (the prompts)
+    assert [e.response for e in d.sft_examples("train")] == ["good", "a good one", "b", "y"]
+    assert d.prompts("train") == ["p", hh, "q", "r"]
+
+
+def test_conversational_pairs(tmp_path):
+    p = _jsonl(tmp_path / "prefs.jsonl", [{
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}],
+    }])
+    assert data(p).comparisons("train", None) == [Comparison("\n\nHuman: hi\n\nAssistant:", ("hello", "go away"), (1.0, 0.0))]
+
+
+def test_field_mapping_and_prompt_only(tmp_path):
+    p = _jsonl(tmp_path / "x.jsonl", [{"question": "why", "better": "because", "worse": "no"}])
+    d = data(p, fields={"prompt": "question", "chosen": "better", "rejected": "worse"})
+    assert d.comparisons("train", None) == [Comparison("why", ("because", "no"), (1.0, 0.0))]
+    q = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
+    assert data(q).prompts("train") == ["a", "b"]
+
+
+def test_json_and_parquet_files(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    assert len(data(tmp_path / "a.json").comparisons("train", None)) == 3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    got = data(tmp_path / "a.parquet").comparisons("train", None)
+    assert [c.prompt for c in got] == ["p0", "p1", "p2"] and got[0].source == f"{tmp_path / 'a.parquet'} row 0"
+
+
+def test_a_hugging_face_dataset_by_name(tmp_path, monkeypatch):
+    """No network here: a stand-in ``datasets`` module records what would be downloaded."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.DatasetDict = dict
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or [{"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                                            "rejected": "\n\nHuman: a\n\nAssistant: c"}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    d = FileData(FileDataConfig(path="Anthropic/hh-rlhf", test_split="test"))
+    assert d.comparisons("train", None)[0].responses == ("b", "c")
+    d.comparisons("test", None)
+    assert calls == [("Anthropic/hh-rlhf", "train"), ("Anthropic/hh-rlhf", "test")]
+
+
+def test_train_test_hold_out_is_deterministic_and_disjoint(tmp_path):
+    p = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    d = FileData(FileDataConfig(path=p, test_fraction=0.1))
+    train, test = d.prompts("train"), d.prompts("test")
+    assert len(test) == 4 and not set(train) & set(test) and len(train) == 36
+    assert FileData(FileDataConfig(path=p, test_fraction=0.1)).prompts("test") == test
+
+
+BAD = [
+    ("{not json", "malformed JSON", ""),
+    ('["a list"]', "record is not a JSON object", ""),
+    ({"prompt": "p", "rejected": "r"}, "missing field 'chosen'", ""),
+    ({"prompt": "p", "chosen": "  ", "rejected": "r"}, "empty response in field 'chosen'", ""),
+    ({"prompt": "p", "completion": ""}, "empty response in field 'completion'", ""),
+    ({"prompt": 3, "completion": "x"}, "field 'prompt' is not a string", "got int"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [1]}, "field 'ranking' does not have one number per response", ""),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [1, 1]}, "field 'ranking' ties every response", ""),
+    ({"chosen": "no turns", "rejected": "x"}, "transcript without an 'Assistant:' turn", ""),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+     "chosen and rejected transcripts do not share a prompt", ""),
+    ({"something": "else"}, "unrecognised record", ""),
+]
+
+
+@pytest.mark.parametrize("line,reason,detail", BAD)
+def test_a_bad_record_is_an_error_naming_file_line_and_field(tmp_path, line, reason, detail):
+    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, line])
+    with pytest.raises(DataError) as err:
+        data(p).comparisons("train", None) and data(p).sft_examples("train")
+    msg = str(err.value)
+    assert msg.startswith(f"{p}:2: {reason}") and detail in msg and "bad_data=skip" in msg
+
+
+def test_skip_mode_counts_each_bad_record_once_by_reason(tmp_path):
+    rows = [{"prompt": "ok", "chosen": "a", "rejected": "b"}] + [line for line, _, _ in BAD] + ["{bad again"]
+    p = _jsonl(tmp_path / "d.jsonl", rows)
+    d = FileData(FileDataConfig(path=p, on_error="skip", test_fraction=0.3))
+    d.comparisons("train", None), d.comparisons("test", None), d.sft_examples("train"), d.prompts("test")
+    assert sum(d.skipped.values()) == len(BAD) + 1
+    assert d.skipped["malformed JSON"] == 2
+    assert d.issues.first["malformed JSON"] == f"{p}:2"
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs a source"):
+        FileData(FileDataConfig())
+    with pytest.raises(ConfigError, match="data.format"):
+        FileData(FileDataConfig(path="x.jsonl", format="csv"))
+    with pytest.raises(DataError, match="no such file"):
+        FileData(FileDataConfig(path=str(tmp_path / "missing.jsonl"))).prompts("train")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        FileData(FileDataConfig(path=str(tmp_path / "bad.json"))).prompts("train")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unknown file type"):
+        FileData(FileDataConfig(path=str(tmp_path / "x.csv"))).prompts("train")
+
+
+def test_helpers():
+    assert split_transcript("\n\nHuman: a\n\nAssistant: b") == ("\n\nHuman: a\n\nAssistant:", "b")
+    assert render_plain([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True) == \
+        "\n\nSystem: s\n\nHuman: u\n\nAssistant:"
+
+
+# --- fuzzing: whatever the bytes, the loader returns records or raises DataError --------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+keys = st.sampled_from(["prompt", "completion", "response", "messages", "chosen", "rejected", "responses", "ranking", "scores", "role", "content"])
+records = st.dictionaries(keys, json_values | st.lists(st.fixed_dictionaries({"role": st.text(max_size=9), "content": json_values}), max_size=3), max_size=5)
+lines = st.lists(st.one_of(records.map(json.dumps), json_values.map(json.dumps), st.text(max_size=30),
+                           st.binary(max_size=20).map(lambda b: b.decode("latin-1"))), max_size=12)
+
+
+def _load_all(d):
+    return d.sft_examples("train"), d.comparisons("train", None), d.prompts("train"), d.prompts("test"), d.vocabulary()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=lines, mode=st.sampled_from(["error", "skip"]), fmt=st.sampled_from(["auto", "pairs", "ranked", "messages"]))
+def test_fuzzed_jsonl_never_crashes_the_loader(tmp_path, lines, mode, fmt):
+    path = os.path.join(tmp_path, "fuzz.jsonl")
+    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write("\n".join(x.replace("\n", " ").replace("\r", " ") for x in lines))
+    d = FileData(FileDataConfig(path=path, on_error=mode, format=fmt, test_fraction=0.2))
+    try:
+        sft, comps, prompts, test, vocab = _load_all(d)
+    except DataError as exc:
+        assert mode == "error" and str(exc).startswith(path)
+        return
+    for e in sft:
+        assert isinstance(e.prompt, str) and e.prompt.strip() and isinstance(e.response, str) and e.response.strip()
+    for c in comps:
+        assert len(c.responses) == len(c.scores) >= 2 and len(set(c.scores)) >= 2
+        assert all(isinstance(r, str) and r.strip() for r in c.responses)
+    assert all(isinstance(p, str) for p in prompts + test + vocab)
+    if mode == "skip":
+        nonblank = sum(1 for x in lines if x.replace("\n", " ").replace("\r", " ").strip())
+        assert sum(d.skipped.values()) <= nonblank
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=200))
+def test_fuzzed_bytes_in_json_and_parquet_files_are_data_errors(tmp_path, payload):
+    for name in ("f.json", "f.parquet", "f.jsonl"):
+        path = os.path.join(tmp_path, name)
+        with open(path, "wb") as f:
+            f.write(payload)
+        try:
+            _load_all(FileData(FileDataConfig(path=path, on_error="skip")))
+        except DataError as exc:
+            assert path in str(exc)
