@@ -33,7 +33,7 @@ from rlhfkit.registry import Registry
 from rlhfkit.resume import Batches, DivergenceError, Guard, Preempted, Preemption, TrackingBackend, rng_state, set_rng_state
 from rlhfkit.secrets import redact
 from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, tokenize_pair
+from rlhfkit.sequences import Retokenized, causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, same_vocabulary, tokenize_pair
 
 
 def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:
@@ -141,6 +141,7 @@ class Run:
         self.preemption = Preemption()
         self.issues = DataIssues(cfg.get("bad_data", "error"))  # the pipeline's own checks (context length)
         self.context: int | None = None  # the policy's context length, once a stage has loaded it
+        self.rm_context: int | None = None  # the reward model's
         self._reported: dict[str, int] = {}
         self.hook = plugins.pm.hook
         self.paths = {s: os.path.join(run_dir, s) for s in STAGES}
@@ -148,6 +149,10 @@ class Run:
         # (the final evaluation compares against it), the RM feeds RL.
         needed = {"sft"} | ({"rm"} if "rl" in cfg.stages else set())
         for stage in [s for s in STAGES if s in needed and s not in cfg.stages]:
+            pretrained = getattr(self.c.reward_model, "pretrained_path", None) if stage == "rm" else None
+            if pretrained and not cfg.from_run:  # a reward model trained elsewhere (reward_model=seq_cls)
+                self.paths[stage] = pretrained
+                continue
             src = find_checkpoint(str(cfg.from_run), stage) if cfg.from_run else None
             if src is None:
                 raise CheckpointError(
@@ -357,6 +362,14 @@ class Run:
             bind(policy.tokenizer)
         self.context = context_length(policy.model)
 
+    def scorer(self, rm: Any, policy_tokenizer: Any) -> Any:
+        """``rm`` as the policy's token ids reach it: itself, or re-tokenized when it has a
+        tokenizer of its own with another vocabulary."""
+        rm_tok = getattr(rm, "tokenizer", None)
+        if same_vocabulary(rm_tok, policy_tokenizer):
+            return rm
+        return Retokenized(rm, rm_tok, policy_tokenizer, _rm_context(rm))
+
     def where(self, prompt: str, source: str = "") -> str:
         return source or getattr(self.c.dataset, "sources", {}).get(prompt) or f"prompt {describe(prompt)}"
 
@@ -450,8 +463,10 @@ class Run:
         self.report_data()
         if not train:
             raise ConfigError("The dataset has no usable comparisons for the reward model (train split).")
-        tok = sft_policy.tokenizer
-        rm = self.c.reward_model.build(self.paths["sft"], self.c.reward_head)
+        base = getattr(self.c.reward_model, "base_model", None) or self.paths["sft"]
+        rm = self.c.reward_model.build(base, self.c.reward_head)
+        tok = getattr(rm, "tokenizer", None) or sft_policy.tokenizer  # the RM reads text with its own tokenizer
+        self.rm_context = _rm_context(rm) or self.context
         optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         units = train if cfg.loss == RMLoss.kwise else _as_pairs(train)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
@@ -501,14 +516,14 @@ class Run:
         if self.rm_cfg.loss == RMLoss.kwise:
             prompts = [c.prompt for c in batch for _ in c.responses]
             responses = [r for c in batch for r in c.responses]
-            e = encode_pairs(tok, prompts, responses, self.device, max_length=self.context)
+            e = encode_pairs(tok, prompts, responses, self.device, max_length=self.rm_context)
             rewards = model(e.input_ids, e.attention_mask)  # (sum K,) each completion once
             win, lose, group = comparison_pairs([c.scores for c in batch])
             n_with_pairs = float(len(set(group.tolist())))
             denom = dp_denominator(n_with_pairs, backend.all_reduce_sum, backend.world_size)
             return kwise_loss(rewards, win, lose, group, len(batch), denom=denom)
         prompts = [p for p, _, _ in batch] * 2
-        e = encode_pairs(tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], self.device, max_length=self.context)
+        e = encode_pairs(tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], self.device, max_length=self.rm_context)
         rewards = model(e.input_ids, e.attention_mask)
         denom = dp_denominator(float(len(batch)), backend.all_reduce_sum, backend.world_size)
         return pairwise_loss(rewards[: len(batch)], rewards[len(batch) :], denom=denom)
@@ -518,7 +533,7 @@ class Run:
         out = []
         bs = self.eval_cfg.batch_size
         for i in range(0, len(prompts), bs):
-            e = encode_pairs(tok, prompts[i : i + bs], responses[i : i + bs], self.device, max_length=self.context)
+            e = encode_pairs(tok, prompts[i : i + bs], responses[i : i + bs], self.device, max_length=self.rm_context)
             with self.c.backend.autocast():
                 out.append(rm(e.input_ids, e.attention_mask).float())
         return torch.cat(out)
@@ -539,13 +554,21 @@ class Run:
     def run_rl(self) -> tuple[Policy, PreferenceOptimizer]:
         cfg, backend = self.rl_cfg, self.c.backend
         seed_everything(self.cfg.seed + 2)
-        policy = self.c.policy.load(self.paths["sft"])
-        reference = self.c.policy.load(self.paths["sft"])
-        reference.model = backend.prepare_frozen(reference.model)
+        loader = self.c.policy
+        policy = loader.load(self.paths["sft"])
+        if hasattr(loader, "adapt"):  # LoRA: a fresh adapter on the SFT weights
+            policy = loader.adapt(policy)
+        # under LoRA the reference is the policy with its adapter disabled: no second copy
+        reference = loader.shared_reference(policy) if hasattr(loader, "shared_reference") else None
+        if reference is None:
+            reference = loader.load(self.paths["sft"])
+            reference.model = backend.prepare_frozen(reference.model)
         # from disk, not the RM stage's object: under ZeRO-3 that one is sharded for training
-        rm = backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
+        rm_module = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
         self.bind_data(policy)
         tok = policy.tokenizer
+        critic_shares_rm = same_vocabulary(getattr(rm_module, "tokenizer", None), tok)
+        rm = self.scorer(backend.prepare_frozen(rm_module), tok)
         # PPO-ptx demonstrations: those that fit the context whole
         demos = [d for d in self.c.dataset.sft_examples("train")
                  if not self.context or len(tokenize_pair(tok, d.prompt, d.response)[0]) <= self.context]
@@ -554,8 +577,13 @@ class Run:
             enable_gradient_checkpointing(policy.model)
 
         def make_critic() -> RewardModel:
-            critic = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
-            critic.requires_grad_(True)
+            if critic_shares_rm:  # InstructGPT: the value model starts as the reward model
+                critic = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
+                critic.requires_grad_(True)
+                if hasattr(self.c.reward_model, "adapt"):
+                    critic = self.c.reward_model.adapt(critic)
+            else:  # the RM reads another vocabulary: a fresh value head on the SFT model
+                critic = self.c.reward_model.build(self.paths["sft"], self.c.reward_head)
             if cfg.gradient_checkpointing:
                 enable_gradient_checkpointing(getattr(critic, "backbone", critic))
             return critic
@@ -694,8 +722,9 @@ class Run:
         sft.model = self.c.backend.prepare_frozen(sft.model)
         self.bind_data(sft)
         rm = None
-        if os.path.isdir(self.paths["rm"]):
-            rm = self.c.backend.prepare_frozen(self.c.reward_model.load(self.paths["rm"], self.c.reward_head))
+        if os.path.isdir(self.paths["rm"]) or getattr(self.c.reward_model, "pretrained_path", None):
+            rm = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
+            rm = self.scorer(self.c.backend.prepare_frozen(rm), sft.tokenizer)
         prompts = self.eval_prompts(sft.tokenizer)
         if not prompts:
             raise ConfigError("The dataset has no usable held-out prompts to evaluate on (test split).")
@@ -736,6 +765,11 @@ class EvalResult:
             {"prompt": p, "response": r, **({"gold": g} if self.gold is not None else {})}
             for p, r, g in zip(self.prompts[:n], self.responses[:n], (self.gold or [None] * n)[:n])
         ]
+
+
+def _rm_context(rm: Any) -> int | None:
+    inner = getattr(rm, "module", rm)
+    return context_length(getattr(inner, "backbone", None) or getattr(inner, "model", None) or inner)
 
 
 def format_table(table: dict[str, Any]) -> str:

@@ -74,3 +74,44 @@ def read_wandb_run(path: str) -> dict:
     for row in out["history"]:  # the summary holds each key's last logged value
         out["summary"].setdefault("_from_history", {}).update(row)
     return out
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tiny_model(arch: str, path: str, texts: list[str], chat_template: str | None = None, seq_cls: bool = False) -> str:
+    """A tiny pretrained-style model saved to ``path``: a byte-level BPE tokenizer trained
+    on ``texts`` and a GPT-2 or Llama model built from config (random weights), loadable
+    with ``from_pretrained(path)`` like any hub checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+        LlamaForSequenceClassification, PreTrainedTokenizerFast,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    eos, bos, pad = ("<|endoftext|>", "<|endoftext|>", "<pad>") if arch == "gpt2" else ("</s>", "<s>", "<unk>")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = sorted({eos, bos, pad, "<|user|>", "<|assistant|>", "<|system|>"})
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=pad)
+    if chat_template:
+        fast.chat_template = chat_template
+    ids = dict(vocab_size=len(fast), eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id, pad_token_id=fast.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, num_labels=1, **ids)
+        model = (GPT2ForSequenceClassification if seq_cls else GPT2LMHeadModel)(config)
+    else:
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, max_position_embeddings=128, num_labels=1, **ids)
+        model = (LlamaForSequenceClassification if seq_cls else LlamaForCausalLM)(config)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

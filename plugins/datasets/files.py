@@ -44,6 +44,21 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 @dataclass
+class FieldNames:
+    """The name each format's field has in your files (``data.fields.prompt=question``)."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    response: str = "response"
+    messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    responses: str = "responses"
+    ranking: str = "ranking"
+    scores: str = "scores"
+
+
+@dataclass
 class FileDataConfig:
     path: Optional[str] = None
     """A file (.jsonl, .json, .parquet), a directory saved by ``datasets``, or a Hugging Face
@@ -63,7 +78,7 @@ class FileDataConfig:
     test_split: Optional[str] = None
     format: str = "auto"
     """auto, prompt_completion, messages, pairs, hh, ranked or prompt."""
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: FieldNames = field(default_factory=FieldNames)
     """Field-name mapping: ``fields.prompt=question fields.chosen=better``."""
     on_error: BadData = BadData.error
     """error or skip (the presets use the run's ``bad_data``)."""
@@ -185,10 +200,10 @@ class FileData:
         return self._records[key]
 
     def _get(self, rec: dict[str, Any], name: str) -> Any:
-        return rec.get(self.cfg.fields.get(name, name))
+        return rec.get(self._name(name))
 
     def _name(self, name: str) -> str:
-        return self.cfg.fields.get(name, name)
+        return getattr(self.cfg.fields, name)
 
     def detect(self, rec: dict[str, Any]) -> str | None:
         has = lambda n: self._get(rec, n) is not None  # noqa: E731

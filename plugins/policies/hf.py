@@ -3,13 +3,14 @@
 ``policy.model`` is a hub name or a local directory (loaded with ``from_pretrained``), or
 ``tiny-gpt2`` / ``tiny-llama``: a small model built from config with a word-level tokenizer
 made from the dataset's vocabulary. Either way checkpoints are ordinary Hugging Face
-directories (safetensors) that ``from_pretrained`` loads.
+directories (safetensors) that ``from_pretrained`` loads; with ``policy.lora.enabled=true``
+training goes through a LoRA adapter (``policy.lora.quantize=4bit``: QLoRA), saved merged
+or alone (``policy.lora.save=merged|adapter``).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,9 +18,11 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import Dataset
+from rlhfkit.plugins.hf_common import (
+    DTYPES, AdapterDisabled, LoraSettings, apply_lora, is_peft, load_model, quantization_config, save_model,
+)
 
 TINY = ("tiny-gpt2", "tiny-llama")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
 
@@ -39,6 +42,9 @@ class HFPolicyConfig:
     """Tiny models only: attention heads."""
     max_positions: int = 64
     """Tiny models only: context length."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA/QLoRA for SFT and RL (``policy.lora.enabled=true``). In RL the reference policy
+    is this model with the adapter disabled: no second copy of the weights."""
 
 
 def quiet_transformers() -> None:
@@ -70,11 +76,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class HFPolicy:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any):
+    """``base``: where the weights under any adapter come from (a path or hub name; None
+    for a model built from config), so that an adapter-only save can name it."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, lora: LoraSettings | None = None, base: str | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.lora, self.base = lora or LoraSettings(), base
 
     def save(self, path: str) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+        save_model(self.model, path, self.lora, self.base)
         self.tokenizer.save_pretrained(path)
 
 
@@ -82,6 +92,7 @@ class HFPolicyLoader:
     def __init__(self, cfg: HFPolicyConfig):
         if cfg.dtype not in DTYPES:
             raise ConfigError(f"policy.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}.")
+        cfg.lora.check("policy")
         self.cfg = cfg
         quiet_transformers()
 
@@ -104,9 +115,11 @@ class HFPolicyLoader:
                 **ids,
             )
             model = LlamaForCausalLM(config)
-        return HFPolicy(model.to(DTYPES[cfg.dtype]), tok)
+        return HFPolicy(model.to(DTYPES[cfg.dtype]), tok, cfg.lora, base=None)
 
     def build(self, dataset: Dataset) -> HFPolicy:
+        """The policy SFT trains: a tiny model built from config, or a pretrained causal LM
+        by hub name or path (QLoRA: its base quantized); with LoRA, a fresh adapter on it."""
         if self.cfg.model in TINY:
             vocabulary = dataset.vocabulary()
             if not vocabulary:
@@ -114,24 +127,37 @@ class HFPolicyLoader:
                     f"policy.model={self.cfg.model} builds its tokenizer from the dataset's vocabulary, and "
                     f"this dataset has none. Point policy.model at a pretrained model (hub name or path)."
                 )
-            return self._tiny(vocabulary)
-        return self.load(self.cfg.model)
+            policy = self._tiny(vocabulary)
+        else:
+            policy = self.load(self.cfg.model, quantization=quantization_config(self.cfg.lora, DTYPES[self.cfg.dtype]))
+        return self.adapt(policy)
 
-    def load(self, path: str) -> HFPolicy:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def load(self, path: str, quantization: Any = None) -> HFPolicy:
+        """A causal LM and its tokenizer from a hub name or a directory (an adapter-only
+        directory comes back with its adapter merged into its base)."""
+        from transformers import AutoTokenizer
 
-        looks_local = os.path.sep in path or path.startswith(".") or os.path.isdir(path)
-        if looks_local and not os.path.isdir(path):
-            raise CheckpointError(f"No model directory at {path!r}. Check the path, or use a hub name.")
-        kw = dict(trust_remote_code=self.cfg.trust_remote_code)
+        model = load_model(path, "AutoModelForCausalLM", self.cfg.dtype, self.cfg.trust_remote_code, quantization)
         try:
-            tok = AutoTokenizer.from_pretrained(path, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.cfg.dtype], **kw)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"Could not load a causal LM from {path!r}: {exc}") from exc
+            raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        return HFPolicy(model, tok)
+        return HFPolicy(model, tok, self.cfg.lora, base=path)
+
+    def adapt(self, policy: HFPolicy) -> HFPolicy:
+        """Make a loaded policy trainable the configured way: a fresh LoRA adapter when
+        ``policy.lora.enabled`` (the pipeline calls this for the RL policy)."""
+        if self.cfg.lora.enabled and not is_peft(policy.model):
+            policy.model = apply_lora(policy.model, self.cfg.lora, "CAUSAL_LM")
+        return policy
+
+    def shared_reference(self, policy: HFPolicy) -> HFPolicy | None:
+        """Under LoRA, the frozen reference is the policy with its adapter disabled."""
+        if not is_peft(policy.model):
+            return None
+        return HFPolicy(AdapterDisabled(policy.model), policy.tokenizer, policy.lora, policy.base)
 
 
 @hookimpl

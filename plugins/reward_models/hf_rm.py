@@ -1,7 +1,9 @@
 """``reward_model=hf_rm``: a Hugging Face backbone (``AutoModel``) with a reward head.
 
 InstructGPT initialises the reward model from the SFT model; ``build`` does that from the
-SFT checkpoint. Saved as a Hugging Face directory (the backbone, loadable with
+SFT checkpoint, or from ``reward_model.model`` (another base, with its own tokenizer: the
+pipeline re-tokenizes the policy's text for it). ``reward_model.lora.enabled=true`` trains
+the backbone through LoRA (QLoRA with ``lora.quantize``). Saved as a Hugging Face directory (the backbone, loadable with
 ``AutoModel.from_pretrained``) plus ``reward_head.safetensors`` and ``reward_model.json``.
 """
 
@@ -9,15 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import CheckpointError
+from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import HeadBuilder
-from rlhfkit.plugins.policies.hf import DTYPES, disable_dropout, quiet_transformers
+from rlhfkit.plugins.hf_common import DTYPES, LoraSettings, apply_lora, is_peft, load_model, quantization_config, save_model
+from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
 from rlhfkit.sequences import positions
 
 HEAD_FILE, META_FILE = "reward_head.safetensors", "reward_model.json"
@@ -25,25 +29,35 @@ HEAD_FILE, META_FILE = "reward_head.safetensors", "reward_model.json"
 
 @dataclass
 class HFRewardConfig:
+    model: Optional[str] = None
+    """Backbone of the reward model (and of PPO's critic): a hub name or path. Default: the
+    SFT checkpoint. A model with another tokenizer scores the policy's text re-tokenized."""
     dtype: str = "float32"
     """Backbone dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its source."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA/QLoRA on the backbone for RM training and for the critic (the head is trained
+    in full)."""
 
 
 class BackboneRewardModel(torch.nn.Module):
     """backbone(hidden states) -> head.token_scores -> head.pool - bias."""
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, tokenizer: Any = None,
+                 lora: LoraSettings | None = None, base: str | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.register_buffer("bias", torch.zeros(()))
+        self.tokenizer = tokenizer  # None: the policy's token ids are scored as they are
+        self.lora, self.base = lora or LoraSettings(), base
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
         ).last_hidden_state  # (B, T, H)
-        return self.head.token_scores(hidden).float()  # (B, T)
+        dtype = next(self.head.parameters(), hidden).dtype  # the head stays fp32 on a bf16 backbone
+        return self.head.token_scores(hidden.to(dtype)).float()  # (B, T)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         token_scores = self.token_values(input_ids, attention_mask)
@@ -55,7 +69,9 @@ class BackboneRewardModel(torch.nn.Module):
         self.bias.fill_(bias)
 
     def save(self, path: str) -> None:
-        self.backbone.save_pretrained(path, safe_serialization=True)
+        save_model(self.backbone, path, self.lora, self.base)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, os.path.join(path, HEAD_FILE))
         meta = {"head_class": type(self.head).__name__, "bias": float(self.bias)}
@@ -65,21 +81,37 @@ class BackboneRewardModel(torch.nn.Module):
 
 class HFRewardLoader:
     def __init__(self, cfg: HFRewardConfig):
+        if cfg.dtype not in DTYPES:
+            raise ConfigError(f"reward_model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}.")
+        cfg.lora.check("reward_model")
         self.cfg = cfg
         quiet_transformers()
 
-    def _backbone(self, path: str) -> torch.nn.Module:
-        from transformers import AutoModel
-
-        if not os.path.isdir(path):
-            raise CheckpointError(f"No model directory at {path!r} to build the reward model from.")
-        model = AutoModel.from_pretrained(path, dtype=DTYPES[self.cfg.dtype], trust_remote_code=self.cfg.trust_remote_code)
+    def _backbone(self, path: str, quantization: Any = None) -> torch.nn.Module:
+        model = load_model(path, "AutoModel", self.cfg.dtype, self.cfg.trust_remote_code, quantization)
         disable_dropout(model)
         return model
 
+    @property
+    def base_model(self) -> str | None:
+        """What the RM stage builds on instead of the SFT checkpoint (None: the SFT one)."""
+        return self.cfg.model
+
     def build(self, backbone_path: str, head: HeadBuilder) -> BackboneRewardModel:
-        backbone = self._backbone(backbone_path)
-        return BackboneRewardModel(backbone, head(backbone.config.hidden_size))
+        """A reward model to train: the backbone at ``backbone_path`` with its tokenizer, a
+        fresh head, and a LoRA adapter if configured."""
+        quantization = quantization_config(self.cfg.lora, DTYPES[self.cfg.dtype])
+        backbone = self._backbone(backbone_path, quantization)
+        tokenizer = _tokenizer(backbone_path, self.cfg.trust_remote_code) if _has_tokenizer(backbone_path) else None
+        rm = BackboneRewardModel(backbone, head(backbone.config.hidden_size), tokenizer, self.cfg.lora, base=backbone_path)
+        return self.adapt(rm)
+
+    def adapt(self, rm: BackboneRewardModel) -> BackboneRewardModel:
+        """A fresh LoRA adapter on the backbone when ``reward_model.lora.enabled`` (the
+        pipeline calls this for PPO's critic)."""
+        if self.cfg.lora.enabled and not is_peft(rm.backbone):
+            rm.backbone = apply_lora(rm.backbone, self.cfg.lora, "FEATURE_EXTRACTION")
+        return rm
 
     def load(self, path: str, head: HeadBuilder) -> BackboneRewardModel:
         meta_path = os.path.join(path, META_FILE)
@@ -87,7 +119,9 @@ class HFRewardLoader:
             raise CheckpointError(f"{path!r} is not a reward-model checkpoint: {META_FILE} is missing.")
         with open(meta_path) as f:
             meta = json.load(f)
-        rm = self.build(path, head)
+        backbone = self._backbone(path)
+        tokenizer = _tokenizer(path, self.cfg.trust_remote_code) if _has_tokenizer(path) else None
+        rm = BackboneRewardModel(backbone, head(backbone.config.hidden_size), tokenizer, self.cfg.lora, base=path)
         if type(rm.head).__name__ != meta["head_class"]:
             raise CheckpointError(
                 f"The reward model at {path!r} was trained with head {meta['head_class']}, but the run "
@@ -99,6 +133,22 @@ class HFRewardLoader:
             raise CheckpointError(f"Corrupt reward head in {path!r}: {exc}") from exc
         rm.set_bias(meta["bias"])
         return rm
+
+
+def _has_tokenizer(path: str) -> bool:
+    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+def _tokenizer(path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 @hookimpl

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.checkpoint import save_training_state
 from rlhfkit.experience import collect
 from rlhfkit.rl import kl_penalised_rewards, logprobs_from_logits, masked_sum
 from rlhfkit.sequences import response_logits
@@ -41,14 +40,11 @@ class Reinforce:
         self.policy.step()
         return {"loss/policy": loss.item(), "reward/proxy": exp.rm_scores.mean().item(), "rollout/kl": kl.sum(-1).mean().item()}
 
-    def save_state(self, path):
-        save_training_state(path, {"policy": self.policy}, {}, self.ctx.backend.is_main)
-
     def state_dict(self):
-        return {"policy": self.policy.state_dict()}
+        return {}  # no state of its own: the pipeline checkpoints the engine it prepared
 
     def load_state_dict(self, state):
-        self.policy.load_state_dict(state["policy"])
+        pass
 
 
 @hookimpl

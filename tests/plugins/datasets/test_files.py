@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.interfaces import Comparison, Example
-from rlhfkit.plugins.datasets.files import FileData, FileDataConfig, render_plain, split_transcript
+from rlhfkit.plugins.datasets.files import FieldNames, FileData, FileDataConfig, render_plain, split_transcript
 
 
 def _jsonl(path, rows):
@@ -83,7 +83,7 @@ def test_conversational_pairs(tmp_path):
 
 def test_field_mapping_and_prompt_only(tmp_path):
     p = _jsonl(tmp_path / "x.jsonl", [{"question": "why", "better": "because", "worse": "no"}])
-    d = data(p, fields={"prompt": "question", "chosen": "better", "rejected": "worse"})
+    d = data(p, fields=FieldNames(prompt="question", chosen="better", rejected="worse"))
     assert d.comparisons("train", None) == [Comparison("why", ("because", "no"), (1.0, 0.0))]
     q = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
     assert data(q).prompts("train") == ["a", "b"]
