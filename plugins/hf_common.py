@@ -56,6 +56,31 @@ class LoraSettings:
             raise ConfigError(f"{owner}.lora.r={self.r}: use a rank >= 1.")
 
 
+def check_settings(owner: str, dtype: str, lora: LoraSettings) -> None:
+    """Fail early on a bad ``<owner>.dtype`` or ``<owner>.lora`` setting."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"{owner}.dtype={dtype!r}: choose one of {sorted(DTYPES)}.")
+    lora.check(owner)
+
+
+def has_tokenizer(path: str) -> bool:
+    """A hub name (it may have one), or a directory with a saved tokenizer."""
+    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``, with EOS as padding if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def quantization_config(lora: LoraSettings, dtype: torch.dtype) -> Any:
     """The bitsandbytes config QLoRA loads the base with (None without quantization)."""
     if not lora.enabled or lora.quantize == "none":
@@ -172,6 +197,13 @@ def _clean(state: dict[str, torch.Tensor], merged: bool) -> dict[str, torch.Tens
             continue
         out[k.replace(".base_layer.", ".").replace(keep, ".")] = v.detach().clone() if merged else v
     return out
+
+
+def save_with_tokenizer(model: Any, tokenizer: Any, path: str, lora: LoraSettings, base: Optional[str]) -> None:
+    """:func:`save_model`, then the tokenizer (if any) beside it."""
+    save_model(model, path, lora, base)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def save_model(model: Any, path: str, lora: LoraSettings, base: Optional[str]) -> None:

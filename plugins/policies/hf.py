@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import CheckpointError, ConfigError
+from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Dataset
 from rlhfkit.plugins.hf_common import (
-    DTYPES, AdapterDisabled, LoraSettings, apply_lora, is_peft, load_model, quantization_config, save_model,
+    DTYPES, AdapterDisabled, LoraSettings, apply_lora, check_settings, is_peft, load_model, load_tokenizer,
+    quantization_config, save_with_tokenizer,
 )
 
 TINY = ("tiny-gpt2", "tiny-llama")
@@ -84,15 +85,12 @@ class HFPolicy:
         self.lora, self.base = lora or LoraSettings(), base
 
     def save(self, path: str) -> None:
-        save_model(self.model, path, self.lora, self.base)
-        self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(self.model, self.tokenizer, path, self.lora, self.base)
 
 
 class HFPolicyLoader:
     def __init__(self, cfg: HFPolicyConfig):
-        if cfg.dtype not in DTYPES:
-            raise ConfigError(f"policy.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}.")
-        cfg.lora.check("policy")
+        check_settings("policy", cfg.dtype, cfg.lora)
         self.cfg = cfg
         quiet_transformers()
 
@@ -135,16 +133,8 @@ class HFPolicyLoader:
     def load(self, path: str, quantization: Any = None) -> HFPolicy:
         """A causal LM and its tokenizer from a hub name or a directory (an adapter-only
         directory comes back with its adapter merged into its base)."""
-        from transformers import AutoTokenizer
-
         model = load_model(path, "AutoModelForCausalLM", self.cfg.dtype, self.cfg.trust_remote_code, quantization)
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return HFPolicy(model, tok, self.cfg.lora, base=path)
+        return HFPolicy(model, load_tokenizer(path, self.cfg.trust_remote_code), self.cfg.lora, base=path)
 
     def adapt(self, policy: HFPolicy) -> HFPolicy:
         """Make a loaded policy trainable the configured way: a fresh LoRA adapter when

@@ -18,9 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import CheckpointError, ConfigError
+from rlhfkit.errors import CheckpointError
 from rlhfkit.interfaces import HeadBuilder
-from rlhfkit.plugins.hf_common import DTYPES, LoraSettings, apply_lora, is_peft, load_model, quantization_config, save_model
+from rlhfkit.plugins.hf_common import (
+    DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_peft, load_model, load_tokenizer, quantization_config,
+    save_with_tokenizer,
+)
 from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
 from rlhfkit.sequences import positions
 
@@ -69,9 +72,7 @@ class BackboneRewardModel(torch.nn.Module):
         self.bias.fill_(bias)
 
     def save(self, path: str) -> None:
-        save_model(self.backbone, path, self.lora, self.base)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(self.backbone, self.tokenizer, path, self.lora, self.base)
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, os.path.join(path, HEAD_FILE))
         meta = {"head_class": type(self.head).__name__, "bias": float(self.bias)}
@@ -81,9 +82,7 @@ class BackboneRewardModel(torch.nn.Module):
 
 class HFRewardLoader:
     def __init__(self, cfg: HFRewardConfig):
-        if cfg.dtype not in DTYPES:
-            raise ConfigError(f"reward_model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}.")
-        cfg.lora.check("reward_model")
+        check_settings("reward_model", cfg.dtype, cfg.lora)
         self.cfg = cfg
         quiet_transformers()
 
@@ -102,7 +101,7 @@ class HFRewardLoader:
         fresh head, and a LoRA adapter if configured."""
         quantization = quantization_config(self.cfg.lora, DTYPES[self.cfg.dtype])
         backbone = self._backbone(backbone_path, quantization)
-        tokenizer = _tokenizer(backbone_path, self.cfg.trust_remote_code) if _has_tokenizer(backbone_path) else None
+        tokenizer = load_tokenizer(backbone_path, self.cfg.trust_remote_code) if has_tokenizer(backbone_path) else None
         rm = BackboneRewardModel(backbone, head(backbone.config.hidden_size), tokenizer, self.cfg.lora, base=backbone_path)
         return self.adapt(rm)
 
@@ -120,7 +119,7 @@ class HFRewardLoader:
         with open(meta_path) as f:
             meta = json.load(f)
         backbone = self._backbone(path)
-        tokenizer = _tokenizer(path, self.cfg.trust_remote_code) if _has_tokenizer(path) else None
+        tokenizer = load_tokenizer(path, self.cfg.trust_remote_code) if has_tokenizer(path) else None
         rm = BackboneRewardModel(backbone, head(backbone.config.hidden_size), tokenizer, self.cfg.lora, base=path)
         if type(rm.head).__name__ != meta["head_class"]:
             raise CheckpointError(
@@ -133,22 +132,6 @@ class HFRewardLoader:
             raise CheckpointError(f"Corrupt reward head in {path!r}: {exc}") from exc
         rm.set_bias(meta["bias"])
         return rm
-
-
-def _has_tokenizer(path: str) -> bool:
-    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-
-
-def _tokenizer(path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 @hookimpl

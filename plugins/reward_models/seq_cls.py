@@ -24,7 +24,10 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import HeadBuilder
-from rlhfkit.plugins.hf_common import DTYPES, LoraSettings, apply_lora, is_peft, load_model, quantization_config, save_model
+from rlhfkit.plugins.hf_common import (
+    DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_peft, load_model, load_tokenizer, quantization_config,
+    save_with_tokenizer,
+)
 from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
 from rlhfkit.sequences import positions
 
@@ -79,18 +82,14 @@ class SeqClsRewardModel(torch.nn.Module):
         self.bias.fill_(bias)
 
     def save(self, path: str) -> None:
-        save_model(self.model, path, self.lora, self.base)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(self.model, self.tokenizer, path, self.lora, self.base)
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump({"head_class": "seq_cls", "bias": float(self.bias)}, f, indent=2)
 
 
 class SeqClsLoader:
     def __init__(self, cfg: SeqClsConfig):
-        if cfg.dtype not in DTYPES:
-            raise ConfigError(f"reward_model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}.")
-        cfg.lora.check("reward_model")
+        check_settings("reward_model", cfg.dtype, cfg.lora)
         self.cfg = cfg
         quiet_transformers()
 
@@ -110,16 +109,7 @@ class SeqClsLoader:
         if model.config.num_labels != 1:
             raise CheckpointError(f"{path}: a reward model has num_labels=1; this classifier has {model.config.num_labels}.")
         disable_dropout(model)
-        tokenizer = None
-        if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.cfg.trust_remote_code)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"Could not load the tokenizer of {path!r}: {exc}") from exc
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(path, self.cfg.trust_remote_code) if has_tokenizer(path) else None
         if model.config.pad_token_id is None and tokenizer is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
         rm = SeqClsRewardModel(model, tokenizer, self.cfg.lora, base=path)

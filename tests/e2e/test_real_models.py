@@ -26,12 +26,13 @@ def files(tmp_path_factory):
     transcripts, K-ranked comparisons with ties, prompt-only RL data."""
     d = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
-    rows = {name: [] for name in ("sft", "messages", "pairs", "hh", "ranked", "prompts")}
+    rows = {name: [] for name in ("sft", "messages", "pairs", "pairs_plain", "hh", "ranked", "prompts")}
     for _ in range(60):
         p, good, bad = _task(rng)
         rows["sft"].append({"prompt": p, "completion": " " + good})
         rows["messages"].append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": good}]})
         rows["pairs"].append({"question": p, "good": good, "bad": bad})
+        rows["pairs_plain"].append({"prompt": p, "chosen": good, "rejected": bad})
         rows["hh"].append({"chosen": f"\n\nHuman: {p}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {bad}"})
         rows["ranked"].append({"prompt": p, "responses": [good, bad, bad[::-1], good[:3]], "ranking": [1, 3, 3, 2]})
         rows["prompts"].append({"prompt": p})
@@ -60,6 +61,9 @@ CASES = {  # which files feed which stage; field names mapped where the file's d
     "llama-messages-ranked-bf16": ("llama", {"sft": "messages", "comparisons": "ranked", "prompts": "prompts"},
                                    ["rm.loss=kwise", "policy.dtype=bfloat16", "reward_model.dtype=bfloat16"]),
     "gpt2-completions-hh": ("gpt2", {"sft": "sft", "comparisons": "hh", "prompts": "prompts"}, []),
+    # the reward model on another base (its own tokenizer: it reads the policy's text re-tokenized)
+    "gpt2-policy-llama-rm": ("gpt2", {"sft": "sft", "comparisons": "pairs_plain", "prompts": "prompts"},
+                             ["reward_model.model={llama}", "reward_head=mean_pool"]),
 }
 
 
@@ -68,11 +72,17 @@ def test_a_model_from_disk_through_every_stage(files, tmp_path, case):
     from transformers import AutoModelForCausalLM
 
     arch, sources, extra = CASES[case]
-    args = FAST + ["data=jsonl", f"policy.model={files[arch]}"] + [f"data.{k}={files[v]}" for k, v in sources.items()] + extra
+    args = (FAST + ["data=jsonl", f"policy.model={files[arch]}"] + [f"data.{k}={files[v]}" for k, v in sources.items()]
+            + [x.format(**files) for x in extra])
     run_dir, table, _ = _ok(args, tmp_path, case)
     assert {"sft", "rl"} <= set(table["policies"]) and "proxy" in table["policies"]["rl"]
     rl = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "rl"))  # an ordinary HF checkpoint
     assert type(rl).__name__.lower().startswith(arch)
+    if case == "gpt2-policy-llama-rm":
+        from transformers import AutoConfig
+
+        assert AutoConfig.from_pretrained(os.path.join(run_dir, "rm")).model_type == "llama"
+        assert os.path.isfile(os.path.join(run_dir, "rm", "tokenizer.json"))
 
 
 def test_lora_through_all_three_stages(files, tmp_path):
