@@ -116,3 +116,16 @@ def test_qlora_config(monkeypatch):
         HFPolicyLoader(HFPolicyConfig(lora=LoraSettings(quantize="4bit")))
     with pytest.raises(ConfigError, match="merged or adapter"):
         HFPolicyLoader(HFPolicyConfig(lora=LoraSettings(enabled=True, save="both")))
+
+
+def test_the_lora_memory_benchmark_counts_a_shared_reference_as_free(model_dir):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    spec = importlib.util.spec_from_file_location("lora_memory", os.path.join(root, "benchmarks", "lora_memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full, lora = bench.measure(model_dir, False, 4), bench.measure(model_dir, True, 4)
+    assert lora["reference_MB"] == 0 < full["reference_MB"]
+    assert lora["trainable_params"] < full["trainable_params"] / 5
+    assert lora["parameter_MB"] < full["parameter_MB"]
