@@ -36,25 +36,38 @@ def read_wandb_run(path: str) -> dict:
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    block, pos, records, partial = 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer: padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        partial = chunk if kind in (1, 2) else partial + chunk
-        if kind in (1, 4):
-            r = pb.Record()
-            r.ParseFromString(partial)
-            records.append(r)
-            partial = b""
+    import time
+
+    def decode(data: bytes) -> list:
+        block, pos, records, partial = 32768, 7, [], b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # block trailer: padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind == 0 and length == 0:
+                continue
+            partial = chunk if kind in (1, 2) else partial + chunk
+            if kind in (1, 4):
+                r = pb.Record()
+                r.ParseFromString(partial)
+                records.append(r)
+                partial = b""
+        return records
+
+    # wandb's service process may still be flushing when finish() returns: wait (up to
+    # 30 s) until the file holds its exit record, the last one a finished run writes
+    deadline = time.time() + 30
+    while True:
+        data = open(path, "rb").read()
+        assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+        records = decode(data)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            break
+        time.sleep(0.2)
 
     def key(item):
         return item.key or "/".join(item.nested_key)
