@@ -25,10 +25,7 @@ def atomic_directory(final: str) -> Iterator[str]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
     try:
         yield tmp
-        for root, _, files in os.walk(tmp):  # data on disk before the rename makes it visible
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
+        fsync_tree(tmp)  # data on disk before the rename makes it visible
         if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
             os.replace(final, os.path.join(old, "x"))
@@ -39,6 +36,33 @@ def atomic_directory(final: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(root: str) -> None:
+    """Flush every file under ``root`` to disk."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_tensors(path: str, allowed: str = "tensors and numbers", **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of
+    them (``allowed`` says what else, for the message), never code. A file that holds more
+    is refused with a :class:`CheckpointError`."""
+    import pickle
+
+    import torch
+
+    from rlhfkit.errors import CheckpointError
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds more than {allowed}, so rlhfkit will not load it "
+            f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -159,10 +183,7 @@ class CheckpointStore:
             write(tmp)
             self.barrier()
             if self.is_main:
-                for root, _, files in os.walk(tmp):  # data on disk before the rename
-                    for name in files:
-                        with open(os.path.join(root, name), "rb") as f:
-                            os.fsync(f.fileno())
+                fsync_tree(tmp)  # data on disk before the rename
                 write_manifest(tmp, stage=stage, step=step, **info)
                 if os.path.exists(final):
                     shutil.rmtree(final)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_text, verify, write_manifest
+from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_text, load_tensors, verify, write_manifest
 from rlhfkit.data import DataIssues, context_length, describe
 from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig
 from rlhfkit.errors import CheckpointError, ConfigError
@@ -273,10 +273,8 @@ class Run:
 
     def load_training(self, path: str, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> int:
         """Restore a training checkpoint in place; return its step."""
-        import pickle
-
         try:
-            trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
+            trainer = load_tensors(os.path.join(path, "trainer.pt"), map_location="cpu")
             if trainer["engines"] != len(tracked.engines):
                 raise CheckpointError(
                     f"{path} holds {trainer['engines']} trained model(s), but this run trains {len(tracked.engines)} "
@@ -287,12 +285,9 @@ class Run:
                 obj.load_state_dict(trainer["state"][name])
             guard.load_state_dict(trainer["guard"])
             rng = os.path.join(path, f"rng-{self.c.backend.rank}.pt")
-            set_rng_state(torch.load(rng if os.path.exists(rng) else os.path.join(path, "rng-0.pt"), weights_only=True))
+            set_rng_state(load_tensors(rng if os.path.exists(rng) else os.path.join(path, "rng-0.pt")))
         except CheckpointError:
             raise
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path}: a file holds more than tensors and numbers, so rlhfkit will not load it "
-                                  f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}") from None
         except Exception as exc:  # a checkpoint that verifies but does not fit this run
             raise CheckpointError(f"{path} cannot be loaded into this run: {type(exc).__name__}: {exc}") from exc
         return int(trainer["step"])
@@ -373,19 +368,22 @@ class Run:
     def where(self, prompt: str, source: str = "") -> str:
         return source or getattr(self.c.dataset, "sources", {}).get(prompt) or f"prompt {describe(prompt)}"
 
+    def prompt_fits(self, tok: Any, prompt: str, room: int, source: str = "", n: int | None = None) -> bool:
+        """Whether ``prompt`` (``n`` tokens, if already counted) leaves ``room`` tokens in
+        the policy's context. One that does not is a bad record: an error, or counted."""
+        if not self.context:
+            return True
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"]) if n is None else n
+        if n + room <= self.context:
+            return True
+        detail = (f"{n} tokens; the model takes {self.context}" if room == 1
+                  else f"{n} tokens + {room} to generate > the model's {self.context}")
+        self.issues.bad(self.where(prompt, source), "prompt longer than the context", detail)
+        return False
+
     def fit_prompts(self, prompts: Sequence[str], tok: Any, room: int) -> list[str]:
         """Prompts with ``room`` tokens left in the context (bad ones raise or are counted)."""
-        if not self.context:
-            return list(prompts)
-        out = []
-        for p in prompts:
-            n = len(tok(p, add_special_tokens=False)["input_ids"])
-            if n + room > self.context:
-                self.issues.bad(self.where(p), "prompt longer than the context",
-                                f"{n} tokens + {room} to generate > the model's {self.context}")
-            else:
-                out.append(p)
-        return out
+        return [p for p in prompts if self.prompt_fits(tok, p, room)]
 
     def report_data(self) -> None:
         """Log and print the bad-record counts (bad_data=skip) that are new since last time."""
@@ -408,13 +406,10 @@ class Run:
         examples = self.c.dataset.sft_examples("train")
         tok = policy.tokenizer
         rows = []
-        for e in examples:  # a prompt must fit the context; a response is cut to it
+        for e in examples:  # a prompt must leave room for a response; the response is cut to the context
             ids, plen = tokenize_pair(tok, e.prompt, e.response)
-            if self.context and plen >= self.context:
-                self.issues.bad(self.where(e.prompt, e.source), "prompt longer than the context",
-                                f"{plen} tokens; the model takes {self.context}")
-                continue
-            rows.append((ids[: self.context] if self.context else ids, plen))
+            if self.prompt_fits(tok, e.prompt, 1, e.source, n=plen):
+                rows.append((ids[: self.context] if self.context else ids, plen))
         self.report_data()
         if not rows:
             raise ConfigError("The dataset has no usable SFT demonstrations (train split).")
@@ -497,17 +492,7 @@ class Run:
 
     def fit_comparisons(self, comparisons: Sequence[Comparison], tok: Any) -> list[Comparison]:
         """Comparisons whose prompt leaves room for a response in the context."""
-        if not self.context:
-            return list(comparisons)
-        out = []
-        for c in comparisons:
-            n = len(tok(c.prompt, add_special_tokens=False)["input_ids"])
-            if n >= self.context:
-                self.issues.bad(self.where(c.prompt, c.source), "prompt longer than the context",
-                                f"{n} tokens; the model takes {self.context}")
-            else:
-                out.append(c)
-        return out
+        return [c for c in comparisons if self.prompt_fits(tok, c.prompt, 1, c.source)]
 
     def _rm_loss(self, model, tok, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss over this rank's share of the batch, normalised so that the average
@@ -567,8 +552,8 @@ class Run:
         rm_module = self.c.reward_model.load(self.paths["rm"], self.c.reward_head)
         self.bind_data(policy)
         tok = policy.tokenizer
-        critic_shares_rm = same_vocabulary(getattr(rm_module, "tokenizer", None), tok)
         rm = self.scorer(backend.prepare_frozen(rm_module), tok)
+        critic_shares_rm = not isinstance(rm, Retokenized)  # the RM reads the policy's tokens
         # PPO-ptx demonstrations: those that fit the context whole
         demos = [d for d in self.c.dataset.sft_examples("train")
                  if not self.context or len(tokenize_pair(tok, d.prompt, d.response)[0]) <= self.context]

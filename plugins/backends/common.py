@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import socket
 from typing import Any, Callable, Sequence
 
@@ -55,7 +54,7 @@ class LocalEngine:
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_loss = False
-        return norm if not bad or not math.isfinite(norm) else float("nan")
+        return float("nan") if bad and math.isfinite(norm) else norm  # a skipped step never reports a finite norm
 
     def scale_lr(self, factor: float) -> None:
         scale_lr(self.optimizer, self.scheduler, factor)
@@ -86,18 +85,11 @@ class LocalEngine:
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_model
 
-        from rlhfkit.errors import CheckpointError
+        from rlhfkit.checkpoint import load_tensors
 
-        try:
-            if os.path.exists(os.path.join(path, WEIGHTS_FILE)):  # in place: the optimizer keeps its parameters
-                load_model(self.module, os.path.join(path, WEIGHTS_FILE), strict=True, device=str(_device_of(self.module)))
-            state = torch.load(os.path.join(path, STATE_FILE), weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{os.path.join(path, STATE_FILE)} holds more than tensors and numbers, so rlhfkit will not load it "
-                f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}"
-            ) from None
-        self.load_state_dict(state)
+        if os.path.exists(os.path.join(path, WEIGHTS_FILE)):  # in place: the optimizer keeps its parameters
+            load_model(self.module, os.path.join(path, WEIGHTS_FILE), strict=True, device=str(_device_of(self.module)))
+        self.load_state_dict(load_tensors(os.path.join(path, STATE_FILE), map_location="cpu"))
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -139,22 +139,14 @@ def _weights_only_loads(engine):
     """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which
     runs whatever a pickle says. Read them with ``weights_only=True`` instead, allowing only
     the few plain DeepSpeed types its checkpoints hold."""
-    import pickle
-
-    from rlhfkit.errors import CheckpointError
+    from rlhfkit.checkpoint import load_tensors
 
     ckpt = engine.checkpoint_engine
     original = ckpt.load
 
     def load(path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{path} holds more than tensors and DeepSpeed's plain types, so rlhfkit will not load it "
-                f"(loading it could run arbitrary code): {str(exc).splitlines()[0]}"
-            ) from None
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return load_tensors(path, allowed="tensors and DeepSpeed's plain types", map_location=map_location)
 
     ckpt.load = load
     try:
