@@ -34,3 +34,28 @@ def test_every_hook_is_tested():
                 text += open(os.path.join(root, f)).read()
     missing = [h for h in _hooks() if h not in text]
     assert not missing, f"untested hooks: {missing}"
+
+
+def test_the_test_extras_install_together():
+    """``pip install -e .[test]`` gives one consistent environment: each test requirement is
+    installed at a version it allows, and so is everything those packages require (the
+    `sweeps` package's numpy<2 pin once kept `datasets`, whose pyarrow needs numpy 2, out)."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        test = [Requirement(r) for r in tomllib.load(f)["project"]["optional-dependencies"]["test"]]
+    assert {"datasets", "pyarrow"} <= {r.name for r in test}
+    wrong = []
+    for req in test:
+        for r in [req] + [Requirement(s) for s in requires(req.name) or []]:
+            if r.marker and not r.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                if not r.specifier.contains(version(r.name), prereleases=True):
+                    wrong.append(f"{req.name}: {r} but {r.name} {version(r.name)} is installed")
+            except PackageNotFoundError:
+                wrong.append(f"{req.name}: {r} is not installed")
+    assert not wrong, "pip install -e '.[test]': " + "; ".join(wrong)

@@ -3,6 +3,8 @@ clear error or a count, and the loaders fuzzed with hypothesis."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -101,21 +103,66 @@ def test_json_and_parquet_files(tmp_path):
     assert [c.prompt for c in got] == ["p0", "p1", "p2"] and got[0].source == f"{tmp_path / 'a.parquet'} row 0"
 
 
-def test_a_hugging_face_dataset_by_name(tmp_path, monkeypatch):
-    """No network here: a stand-in ``datasets`` module records what would be downloaded."""
-    import sys
-    import types
+HH = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+      for i in range(4)]
 
-    calls = []
-    fake = types.ModuleType("datasets")
-    fake.DatasetDict = dict
-    fake.load_dataset = lambda name, split: calls.append((name, split)) or [{"chosen": "\n\nHuman: a\n\nAssistant: b",
-                                                                            "rejected": "\n\nHuman: a\n\nAssistant: c"}]
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    d = FileData(FileDataConfig(path="Anthropic/hh-rlhf", test_split="test"))
-    assert d.comparisons("train", None)[0].responses == ("b", "c")
-    d.comparisons("test", None)
-    assert calls == [("Anthropic/hh-rlhf", "train"), ("Anthropic/hh-rlhf", "test")]
+
+def test_a_dataset_saved_to_disk_by_path(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(HH).save_to_disk(str(tmp_path / "one"))
+    got = data(tmp_path / "one").comparisons("train", None)
+    assert [c.responses for c in got] == [(f"good {i}", f"bad {i}") for i in range(4)]
+    assert got[3].prompt == "\n\nHuman: q3\n\nAssistant:" and got[0].source == f"{tmp_path / 'one'}[train] row 0"
+    # a DatasetDict: data.split and data.test_split pick its splits
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(HH[:3]), "test": datasets.Dataset.from_list(HH[3:])}).save_to_disk(
+        str(tmp_path / "dict"))
+    d = FileData(FileDataConfig(path=str(tmp_path / "dict"), test_split="test", test_fraction=0))
+    assert len(d.comparisons("train", None)) == 3 and [c.responses for c in d.comparisons("test", None)] == [("good 3", "bad 3")]
+
+
+def _cache_hub_dataset(hf_home, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """Write ``repo_id`` into ``hf_home``'s datasets cache in the layout a download from the
+    hub leaves (``<namespace>___<name>/default/0.0.0/<revision>/``), without the hub."""
+    import datasets
+
+    class Rows(datasets.GeneratorBasedBuilder):
+        def _info(self):
+            return datasets.DatasetInfo(features=datasets.Features({k: datasets.Value("string") for k in HH[0]}))
+
+        def _split_generators(self, dl_manager):
+            return [datasets.SplitGenerator(name=name, gen_kwargs={"rows": rows}) for name, rows in splits.items()]
+
+        def _generate_examples(self, rows):
+            yield from enumerate(rows)
+
+    Rows(cache_dir=str(hf_home / "datasets"), repo_id=repo_id, dataset_name=repo_id.split("/")[-1],
+         hash="0123abcd").download_and_prepare()
+
+
+def test_a_hub_dataset_by_name_from_the_local_cache_offline(tmp_path):
+    _cache_hub_dataset(tmp_path / "hf", "Anthropic/hh-rlhf", {"train": HH[:3], "test": HH[3:]})
+    code = """if 1:
+        import json
+        from rlhfkit.errors import DataError
+        from rlhfkit.plugins.datasets.files import FileData, FileDataConfig
+        d = FileData(FileDataConfig(path="Anthropic/hh-rlhf", test_split="test", test_fraction=0))
+        out = {split: [c.responses for c in d.comparisons(split, None)] for split in ("train", "test")}
+        out["source"] = d.comparisons("test", None)[0].source
+        try:
+            FileData(FileDataConfig(path="Anthropic/not-cached")).comparisons("train", None)
+        except DataError as exc:
+            out["error"] = str(exc)
+        print(json.dumps(out))
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["train"] == [[f"good {i}", f"bad {i}"] for i in range(3)] and out["test"] == [["good 3", "bad 3"]]
+    assert out["source"] == "Anthropic/hh-rlhf[test] row 0"
+    assert "'Anthropic/not-cached'" in out["error"] and "\n" not in out["error"]
 
 
 def test_train_test_hold_out_is_deterministic_and_disjoint(tmp_path):
