@@ -1,13 +1,19 @@
-"""``logger=console``: a live progress bar with ETA and each stage's key metrics on a
-terminal; one plain line per logged step when the output is not a TTY (CI logs, files)."""
+"""``logger=console``: on a terminal, a live rich progress line per stage (step, rate, ETA
+and the stage's key metrics) with messages printed above it; one plain line per logged step
+when the output is not a TTY (CI logs, files)."""
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, \
+    TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
 
 from rlhfkit import hookimpl
 
@@ -25,24 +31,26 @@ class ConsoleConfig:
     """Live progress bar: null = only when the output is a terminal."""
 
 
-def format_eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+class RateColumn(ProgressColumn):
+    """Steps per second, or seconds per step when a step takes longer than one."""
+
+    def render(self, task) -> Text:
+        speed = task.speed
+        if not speed:
+            return Text("-- step/s")
+        return Text(f"{speed:.2f} step/s" if speed >= 1 else f"{1 / speed:.1f} s/step")
 
 
-def progress_line(stage: str, step: int, total: int, elapsed: float, metrics: str, width: int = 100) -> str:
-    """``[rl] ######....  12/60  20% 0:05<0:21 | loss/policy=0.1 ...``, cut to ``width``."""
-    frac = step / total if total else 1.0
-    bar_w = 20
-    filled = int(round(frac * bar_w))
-    eta = elapsed / step * (total - step) if step else 0.0
-    line = f"[{stage}] {'#' * filled}{'.' * (bar_w - filled)} {step:>{len(str(total))}}/{total} {frac:4.0%} " \
-           f"{format_eta(elapsed)}<{format_eta(eta)}"
-    if metrics:
-        line += " | " + metrics
-    return line[:width]
+def stage_progress(console: Console, redirect_stderr: bool) -> Progress:
+    """``[rl] ━━━━━━━━━━━━━━━━━━━━ 12/60  20% 0:00:05<0:00:21 2.40 step/s loss/policy=0.1 ...``;
+    what is printed to stdout (and to stderr when it is the same terminal) while it is live
+    appears above it."""
+    return Progress(
+        TextColumn("[{task.description}]", markup=False), BarColumn(bar_width=20), MofNCompleteColumn(), TaskProgressColumn(),
+        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), RateColumn(),
+        TextColumn("{task.fields[metrics]}", markup=False, table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        console=console, redirect_stdout=True, redirect_stderr=redirect_stderr, refresh_per_second=4, expand=True,
+    )
 
 
 class ConsoleLogger:
@@ -51,19 +59,26 @@ class ConsoleLogger:
         self.stream = stream or sys.stdout
         tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = tty if cfg.progress_bar is None else cfg.progress_bar
+        self.console = Console(file=self.stream, force_terminal=self.bar, highlight=False, soft_wrap=True)
         self._t0 = time.time()
-        self._stage_t0: dict[str, float] = {}
         self._last: dict[str, str] = {}  # stage -> last metrics text
-        self._open = False  # a progress line is on screen without its newline
+        self._live: Optional[Progress] = None  # the running stage's progress line
+        self._task = None
+        self._stage: Optional[str] = None
 
     def _shown(self, metrics) -> str:
         return " ".join(f"{k}={metrics[k]:.4g}" for k in self.cfg.keys if k in metrics)
 
     def _print(self, text: str) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self._open = False
-        print(text, file=self.stream, flush=True)
+        if self._live is not None:
+            self._live.console.print(text, markup=False)  # above the live line
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def _stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()  # the stage's last line stays on screen
+            self._live = self._task = self._stage = None
 
     @hookimpl
     def rlhfkit_run_start(self, run_dir, config):
@@ -74,15 +89,16 @@ class ConsoleLogger:
     def rlhfkit_progress(self, stage, step, total):
         if not self.bar:
             return
-        now = time.time()
-        t0 = self._stage_t0.setdefault(stage, now)
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        self.stream.write("\r\x1b[2K" + progress_line(stage, step, total, now - t0, self._last.get(stage, ""), width))
-        self.stream.flush()
-        self._open = step < total
+        if self._stage != stage:
+            self._stop()
+            err = getattr(sys.stderr, "isatty", lambda: False)()
+            self._live = stage_progress(self.console, redirect_stderr=self.bar and err)
+            self._task = self._live.add_task(stage, total=total, completed=step - 1, metrics=self._last.get(stage, ""))
+            self._stage = stage
+            self._live.start()
+        self._live.update(self._task, completed=step, total=total, metrics=self._last.get(stage, ""), refresh=True)
         if step >= total:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._stop()
 
     @hookimpl
     def rlhfkit_log_metrics(self, stage, step, metrics):
@@ -96,6 +112,10 @@ class ConsoleLogger:
     @hookimpl
     def rlhfkit_checkpoint_saved(self, stage, path):
         self._print(f"[{stage}] checkpoint saved: {path}")
+
+    @hookimpl
+    def rlhfkit_run_end(self, run_dir, summary):
+        self._stop()  # a stage that raised leaves no live display (nor redirected stdout) behind
 
 
 @hookimpl

@@ -1,5 +1,7 @@
 import io
 import json
+import re
+import sys
 
 from rlhfkit.plugins.loggers.console import ConsoleConfig, ConsoleLogger
 from rlhfkit.plugins.loggers.jsonl import JsonlConfig, JsonlLogger
@@ -33,22 +35,66 @@ class _TTY(io.StringIO):
         return True
 
 
-def test_console_progress_bar_on_a_terminal_with_eta_and_metrics():
-    from rlhfkit.plugins.loggers.console import format_eta, progress_line
+def _screen(raw: str) -> list[str]:
+    """The non-blank lines a terminal shows after ``raw``: it follows \\r, \\n, cursor-up
+    (ESC[nA) and erase-line (ESC[2K), and drops colours."""
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", raw):
+        if token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token == "\r":
+            col = 0
+        elif token.startswith("\x1b[") and token.endswith("A"):
+            row -= int(token[2:-1] or 1)
+        elif token == "\x1b[2K":
+            lines[row] = ""
+        elif not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row], col = line[:col] + token + line[col + len(token):], col + len(token)
+    return [line.rstrip() for line in lines if line.strip()]
 
-    line = progress_line("rl", 15, 60, elapsed=30.0, metrics="loss/policy=0.1")
-    assert line.startswith("[rl] #####") and "15/60" in line and "25%" in line
-    assert "0:30<1:30" in line and line.endswith("loss/policy=0.1")  # 2 s per step, 45 steps left
-    assert format_eta(3725) == "1:02:05"
-    out = _TTY()
-    lg = ConsoleLogger(ConsoleConfig(keys=["loss/sft"]), stream=out)
+
+def test_console_on_a_terminal_one_live_line_per_stage_with_messages_above():
+    out, now = _TTY(), [0.0]
+    lg = ConsoleLogger(ConsoleConfig(keys=["loss/sft", "loss/rm"]), stream=out)
     assert lg.bar
-    lg.rlhfkit_log_metrics(stage="sft", step=1, metrics={"loss/sft": 2.0})
-    lg.rlhfkit_progress(stage="sft", step=1, total=2)
-    lg.rlhfkit_progress(stage="sft", step=2, total=2)
-    text = out.getvalue()
-    assert "\r" in text and "2/2" in text and "loss/sft=2" in text and text.endswith("\n")
-    assert "[sft    1" not in text  # on a terminal the bar replaces the per-step lines
+    lg.console.get_time = lambda: now[0]  # rich's clock: 2 s per step
+    stdout = sys.stdout
+    lg.rlhfkit_run_start(run_dir="/x", config={})
+    for step in range(1, 5):
+        now[0] += 2
+        lg.rlhfkit_log_metrics(stage="sft", step=step, metrics={"loss/sft": 1.0 / step})
+        lg.rlhfkit_progress(stage="sft", step=step, total=4)
+        if step == 2:
+            assert sys.stdout is not stdout  # while a stage is live, prints go above its line
+            mid = _screen(out.getvalue())[-1]
+            assert mid.startswith("[sft] ") and "2/4" in mid and " 50%" in mid and "2.0 s/step" in mid
+            assert "< 0:00:04" in mid and mid.endswith("loss/sft=0.5")  # 2 steps left at 2 s each
+            print("rlhfkit: a message from the pipeline")
+            lg.rlhfkit_checkpoint_saved(stage="sft", path="/x/sft/step_2")
+    assert sys.stdout is stdout
+    for step in (1, 2):
+        now[0] += 0.25
+        lg.rlhfkit_log_metrics(stage="rm", step=step, metrics={"loss/rm": 0.7})
+        lg.rlhfkit_progress(stage="rm", step=step, total=2)
+    screen = _screen(out.getvalue())
+    assert screen[:3] == ["[rlhfkit] run directory: /x", "rlhfkit: a message from the pipeline",
+                          "[sft] checkpoint saved: /x/sft/step_2"]
+    sft, rm = screen[3:]
+    assert sft.startswith("[sft] ") and "4/4" in sft and "100%" in sft and "0:00:06" in sft and sft.endswith("loss/sft=0.25")
+    assert rm.startswith("[rm] ") and "2/2" in rm and "4.00 step/s" in rm and rm.endswith("loss/rm=0.7")
+    assert "[sft    1" not in out.getvalue()  # on a terminal the live line replaces the per-step lines
+
+
+def test_console_live_line_ends_with_the_run():
+    out = _TTY()
+    lg = ConsoleLogger(ConsoleConfig(), stream=out)
+    stdout = sys.stdout
+    lg.rlhfkit_progress(stage="rl", step=3, total=10)  # a stage that then raises
+    lg.rlhfkit_run_end(run_dir="/x", summary={"status": "failed"})
+    assert sys.stdout is stdout and lg._live is None
+    assert _screen(out.getvalue())[-1].startswith("[rl] ") and "3/10" in _screen(out.getvalue())[-1]
 
 
 def test_console_is_quiet_when_not_a_terminal():
@@ -57,6 +103,11 @@ def test_console_is_quiet_when_not_a_terminal():
     assert not lg.bar
     lg.rlhfkit_progress(stage="sft", step=1, total=2)
     assert out.getvalue() == ""  # no bar, no carriage returns in CI logs
+    lg.rlhfkit_log_metrics(stage="sft", step=2, metrics={"loss/sft": 0.5})
+    lg.rlhfkit_progress(stage="sft", step=2, total=2)
+    lg.rlhfkit_checkpoint_saved(stage="sft", path="/x/sft")
+    (line, saved) = out.getvalue().splitlines()
+    assert line.startswith("[sft    2 ") and line.endswith("loss/sft=0.5") and saved == "[sft] checkpoint saved: /x/sft"
 
 
 def test_tensorboard_writes_scalars_and_samples(tmp_path):
