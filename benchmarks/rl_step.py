@@ -11,9 +11,12 @@ Four workers, each in its own subprocess, on the same saved model directory and 
 * ``rlhfkit-rloo`` vs ``trl-rloo``: the current TRL's ``RLOOTrainer``, in ``--trl-python``.
 
 TRL PPO needs ``trl<1.10`` and current RLOO a newer TRL, so they live in two virtual
-environments (``--make-venvs DIR`` creates them with ``--system-site-packages``: torch and
-transformers are shared, so both sides run the same kernels). A worker whose TRL is missing
-is reported as skipped, with the command that installs it.
+environments. ``--make-venvs DIR`` creates (or reuses) them and installs TRL with exactly
+the running torch and transformers versions pinned, so both sides run the same kernels (a
+venv made from inside another venv does not see that venv's packages, and an unpinned TRL
+install pulls the newest torch). Every run reports its torch and transformers versions, and
+no speed-up is printed for a pair whose versions differ. A worker whose TRL is missing is
+reported as skipped, with the command that installs it.
 
 Both sides generate every response to the full length (a randomly initialised policy
 practically never samples EOS), with the same batch, PPO epochs and minibatches. Tokens per
@@ -317,6 +320,8 @@ def summarise(rows: list[dict]) -> dict:
     return mean
 
 
+PAIRS = (("rlhfkit-ppo", "trl-ppo"), ("rlhfkit-rloo", "trl-rloo"))  # (ours, theirs): the speed-up is ours / theirs
+
 WORKERS = {
     "rlhfkit-ppo": lambda *a: run_rlhfkit("ppo", *a),
     "trl-ppo": run_trl_ppo,
@@ -331,7 +336,7 @@ def worker_main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    versions = running_versions()
     try:
         result = WORKERS[args.worker](shape, args.model_dir, args.steps, args.warmup)
         result |= versions
@@ -342,16 +347,63 @@ def worker_main(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+SHARED = ("torch", "transformers")  # must be the same version on both sides of a comparison
+
+
+def running_versions() -> dict[str, str]:
+    """The versions this interpreter imports (``2.13.0+cpu``: with the build's local label)."""
+    import importlib
+
+    return {name: str(importlib.import_module(name).__version__) for name in SHARED}
+
+
+def install_command(py: str, trl_req: str, versions: dict[str, str]) -> list[str]:
+    """pip install of TRL into a venv with torch and transformers pinned to ``versions``
+    (local labels such as ``+cpu`` included: the same build, not just the same release)."""
+    return [py, "-m", "pip", "install", "-q", trl_req, "datasets", *(f"{name}=={versions[name]}" for name in SHARED)]
+
+
+def venv_versions(py: str) -> dict[str, str]:
+    code = f"import importlib, json; print(json.dumps({{n: str(importlib.import_module(n).__version__) for n in {SHARED!r}}}))"
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def make_venvs(root: str) -> tuple[str, str]:
+    """The two TRL venvs under ``root``, created or reused, with torch and transformers at
+    the running versions (pip leaves matching ones alone and replaces others)."""
+    want = running_versions()
     pythons = []
     for name, req in (("trl-ppo", TRL_PPO_REQ), ("trl", TRL_REQ)):
         path = os.path.join(root, name)
         py = os.path.join(path, "bin", "python")
         if not os.path.exists(py):
             subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", path], check=True)
-            subprocess.run([py, "-m", "pip", "install", "-q", req, "datasets"], check=True)
+        cmd = install_command(py, req, want)
+        if subprocess.run(cmd).returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed. A local torch build ({want['torch']}) comes from PyTorch's "
+                             "index: set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/<cpu|cu1xx> and rerun.")
+        got = venv_versions(py)
+        if got != want:
+            raise SystemExit(f"{path} has {versions_text(got)} after installing, not {versions_text(want)}.")
         pythons.append(py)
     return pythons[0], pythons[1]
+
+
+def versions_text(versions: dict) -> str:
+    return ", ".join(f"{name} {versions.get(name, '?')}" for name in SHARED)
+
+
+def version_mismatches(results: dict) -> dict[str, str]:
+    """pair -> why its speed-up is not shown: the two runs' torch or transformers differ."""
+    out = {}
+    for ours, theirs in PAIRS:
+        a, b = results.get(ours, {}), results.get(theirs, {})
+        if "tokens_per_s" in a and "tokens_per_s" in b and any(a.get(n) != b.get(n) for n in SHARED):
+            out[ours] = (f"no speed-up for {ours} vs {theirs}: {ours} ran {versions_text(a)}, {theirs} ran "
+                         f"{versions_text(b)}. Pin them alike (--make-venvs DIR reinstalls the TRL venvs with this "
+                         f"interpreter's versions).")
+    return out
 
 
 def main() -> None:
@@ -394,6 +446,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": asdict(shape), "results": results}, f, indent=2)
+    if version_mismatches(results):
+        raise SystemExit(1)
 
 
 def report(shape: Shape, name: str, results: dict) -> str:
@@ -403,25 +457,28 @@ def report(shape: Shape, name: str, results: dict) -> str:
         f"{'bf16' if shape.bf16 else 'fp32'} on {shape.device}; PPO {shape.ppo_epochs} epochs x "
         f"{shape.num_minibatches} minibatch; RLOO k={shape.rloo_k}",
         "",
-        "| run | step (s) | generate (s) | score (s) | update (s) | gen. share | tokens/s | speed-up |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | torch / transformers | step (s) | generate (s) | score (s) | update (s) | gen. share | tokens/s | speed-up |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for ours, theirs in (("rlhfkit-ppo", "trl-ppo"), ("rlhfkit-rloo", "trl-rloo")):
+    mismatched = version_mismatches(results)
+    for ours, theirs in PAIRS:
         for run in (ours, theirs):
             r = results.get(run)
             if r is None:
                 continue
             if "tokens_per_s" not in r:
-                lines.append(f"| {run} | {r.get('skipped') or 'error: ' + r.get('error', '')[-200:].replace(chr(10), ' ')} |||||||")
+                lines.append(f"| {run} | {r.get('skipped') or 'error: ' + r.get('error', '')[-200:].replace(chr(10), ' ')} ||||||||")
                 continue
             other = results.get(theirs, {})
-            speed = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if run == ours and "tokens_per_s" in other else ""
+            speed = ""
+            if run == ours and "tokens_per_s" in other:
+                speed = "versions differ" if ours in mismatched else f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x"
             label = run + (f" (trl {r['trl']})" if "trl" in r else "")
             lines.append(
-                f"| {label} | {r['step_s']:.3f} | {r['generate_s']:.3f} | {r['score_s']:.3f} | {r['update_s']:.3f} | "
-                f"{r['generate_share']:.0%} | {r['tokens_per_s']:.0f} | {speed} |"
+                f"| {label} | {r.get('torch', '?')} / {r.get('transformers', '?')} | {r['step_s']:.3f} | {r['generate_s']:.3f} | "
+                f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['generate_share']:.0%} | {r['tokens_per_s']:.0f} | {speed} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + [""] * bool(mismatched) + list(mismatched.values()))
 
 
 if __name__ == "__main__":
