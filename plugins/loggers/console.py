@@ -4,6 +4,7 @@ when the output is not a TTY (CI logs, files)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,20 +66,34 @@ class ConsoleLogger:
         self._live: Optional[Progress] = None  # the running stage's progress line
         self._task = None
         self._stage: Optional[str] = None
+        self._handlers: list[tuple[logging.StreamHandler, object]] = []  # (handler, its own stream) while live
 
     def _shown(self, metrics) -> str:
         return " ".join(f"{k}={metrics[k]:.4g}" for k in self.cfg.keys if k in metrics)
 
     def _print(self, text: str) -> None:
         if self._live is not None:
-            self._live.console.print(text, markup=False)  # above the live line
+            self.console.print(text, markup=False)  # above the live line
         else:
             print(text, file=self.stream, flush=True)
 
     def _stop(self) -> None:
         if self._live is not None:
+            for handler, stream in self._handlers:
+                handler.setStream(stream)
             self._live.stop()  # the stage's last line stays on screen
             self._live = self._task = self._stage = None
+            self._handlers = []
+
+    def _redirect_logging(self) -> None:
+        """Logging handlers keep the stream they were made with (Hydra's, transformers',
+        DeepSpeed's: the real stdout or stderr) and would print through the live line:
+        while it is live, they write to the redirected streams."""
+        redirected = {s.rich_proxied_file: s for s in (sys.stdout, sys.stderr) if hasattr(s, "rich_proxied_file")}
+        loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+        for handler in {h for lg in loggers for h in lg.handlers}:
+            if type(handler) is logging.StreamHandler and handler.stream in redirected:
+                self._handlers.append((handler, handler.setStream(redirected[handler.stream])))
 
     @hookimpl
     def rlhfkit_run_start(self, run_dir, config):
@@ -91,11 +106,11 @@ class ConsoleLogger:
             return
         if self._stage != stage:
             self._stop()
-            err = getattr(sys.stderr, "isatty", lambda: False)()
-            self._live = stage_progress(self.console, redirect_stderr=self.bar and err)
+            self._live = stage_progress(self.console, redirect_stderr=getattr(sys.stderr, "isatty", lambda: False)())
             self._task = self._live.add_task(stage, total=total, completed=step - 1, metrics=self._last.get(stage, ""))
             self._stage = stage
             self._live.start()
+            self._redirect_logging()
         self._live.update(self._task, completed=step, total=total, metrics=self._last.get(stage, ""), refresh=True)
         if step >= total:
             self._stop()

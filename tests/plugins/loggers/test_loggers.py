@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import re
 import sys
 
@@ -61,6 +62,8 @@ def test_console_on_a_terminal_one_live_line_per_stage_with_messages_above():
     assert lg.bar
     lg.console.get_time = lambda: now[0]  # rich's clock: 2 s per step
     stdout = sys.stdout
+    log, handler = logging.getLogger("test_console_library"), logging.StreamHandler(sys.stdout)
+    log.addHandler(handler)
     lg.rlhfkit_run_start(run_dir="/x", config={})
     for step in range(1, 5):
         now[0] += 2
@@ -73,15 +76,17 @@ def test_console_on_a_terminal_one_live_line_per_stage_with_messages_above():
             assert "< 0:00:04" in mid and mid.endswith("loss/sft=0.5")  # 2 steps left at 2 s each
             print("rlhfkit: a message from the pipeline")
             lg.rlhfkit_checkpoint_saved(stage="sft", path="/x/sft/step_2")
-    assert sys.stdout is stdout
+            log.warning("a library's warning")  # through a handler made before the stage began
+    assert sys.stdout is stdout and handler.stream is stdout
     for step in (1, 2):
         now[0] += 0.25
         lg.rlhfkit_log_metrics(stage="rm", step=step, metrics={"loss/rm": 0.7})
         lg.rlhfkit_progress(stage="rm", step=step, total=2)
     screen = _screen(out.getvalue())
-    assert screen[:3] == ["[rlhfkit] run directory: /x", "rlhfkit: a message from the pipeline",
-                          "[sft] checkpoint saved: /x/sft/step_2"]
-    sft, rm = screen[3:]
+    log.removeHandler(handler)
+    assert screen[:4] == ["[rlhfkit] run directory: /x", "rlhfkit: a message from the pipeline",
+                          "[sft] checkpoint saved: /x/sft/step_2", "a library's warning"]
+    sft, rm = screen[4:]
     assert sft.startswith("[sft] ") and "4/4" in sft and "100%" in sft and "0:00:06" in sft and sft.endswith("loss/sft=0.25")
     assert rm.startswith("[rm] ") and "2/2" in rm and "4.00 step/s" in rm and rm.endswith("loss/rm=0.7")
     assert "[sft    1" not in out.getvalue()  # on a terminal the live line replaces the per-step lines
