@@ -141,3 +141,21 @@ def test_entropy_bonus_gradient_is_the_same_with_micro_batches(rl_ctx):
     assert m_split["policy/entropy"] == pytest.approx(m_whole["policy/entropy"], rel=1e-5)
     assert m_split["loss/total"] == pytest.approx(m_whole["loss/total"], rel=1e-5)
     assert m_whole["loss/total"] == pytest.approx(m_whole["loss/policy"] - 0.5 * m_whole["policy/entropy"], rel=1e-5)
+
+
+def test_the_reward_models_bias_shifts_the_critics_values(rl_ctx):
+    """The critic starts as the RM, bias included: a bias of 2 lowers every value by 2
+    (it used to leak in as a constant offset from the rewards, a length bias in GAE)."""
+    from rlhfkit.experience import collect
+
+    def values(bias):
+        rl_ctx.reward_model.set_bias(bias)
+        torch.manual_seed(0)
+        exp = collect(rl_ctx, ["copy a b c =", "sort c b a =", "reverse a b ="] * 2, critic=rl_ctx.make_critic())
+        return exp.values, exp.rm_scores, exp.mask
+
+    v0, r0, mask = values(0.0)
+    v2, r2, _ = values(2.0)
+    torch.testing.assert_close(r2, r0 - 2.0)
+    torch.testing.assert_close(v2 * mask, (v0 - 2.0) * mask)
+
