@@ -123,7 +123,8 @@ class RewardModel(Protocol):
     """
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-        """(B,) rewards; with ``per_token``, the (B, T) scores of :meth:`token_values`."""
+        """(B,) rewards; with ``per_token``, the (B, T) scores of :meth:`token_values`
+        minus ``bias``: a critic's values on the rewards' scale."""
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) per-position scores: used when the model serves as a critic."""

@@ -110,16 +110,33 @@ def resolve_base(adapter_dir: str, base: str) -> str:
 _TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "FEATURE_EXTRACTION": "AutoModel", "SEQ_CLS": "AutoModelForSequenceClassification"}
 
 
-def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, quantization: Any = None, **kwargs: Any) -> Any:
+def without_dropout(config: Any) -> Any:
+    """Zero every dropout probability of a transformers config (and of its sub-configs),
+    before a model is built from it. OPT, Llama/Qwen2 and GPT-NeoX read some of these
+    into plain floats rather than ``nn.Dropout`` modules, out of reach of
+    :func:`rlhfkit.plugins.policies.hf.disable_dropout`."""
+    from transformers import PretrainedConfig
+
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            without_dropout(value)
+        elif isinstance(value, float) and any(word in name for word in ("dropout", "pdrop", "layerdrop")):
+            setattr(config, name, 0.0)
+    return config
+
+
+def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, quantization: Any = None,
+               dropout: bool = False, **kwargs: Any) -> Any:
     """``transformers.<auto_class>.from_pretrained(path)`` in ``dtype``; an adapter-only
     directory loads its base and merges the adapter in. ``auto_class="AutoModel"`` of a
-    causal-LM adapter returns the merged model's backbone."""
+    causal-LM adapter returns the merged model's backbone. Built with every dropout
+    probability zeroed (RL needs identical forward passes) unless ``dropout``."""
     import transformers
 
     looks_local = os.path.sep in path or path.startswith(".") or os.path.isdir(path)
     if looks_local and not os.path.isdir(path):
         raise CheckpointError(f"No model directory at {path!r}. Check the path, or use a hub name.")
-    kw = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
+    kw = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if quantization is not None:
         kw["quantization_config"] = quantization
     if os.path.isdir(path) and is_adapter_dir(path):
@@ -133,7 +150,7 @@ def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, 
         if base_class is None:
             raise CheckpointError(f"{path}: adapter task_type {task!r} is not one rlhfkit loads ({sorted(_TASK_CLASSES)}).")
         base = resolve_base(path, adapter.get("base_model_name_or_path") or "")
-        model = load_model(base, base_class, dtype, trust_remote_code, quantization, **kwargs)
+        model = load_model(base, base_class, dtype, trust_remote_code, quantization, dropout, **kwargs)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
         if auto_class == "AutoModel" and base_class != "AutoModel":
             model = model.base_model  # the backbone of a causal LM (or classifier)
@@ -141,7 +158,8 @@ def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, 
             raise CheckpointError(f"{path} is a {task} adapter; it cannot be loaded as {auto_class}.")
         return model
     try:
-        return getattr(transformers, auto_class).from_pretrained(path, **kw)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        return getattr(transformers, auto_class).from_pretrained(path, config=config if dropout else without_dropout(config), **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"Could not load {auto_class} from {path!r}: {exc}") from exc
 

@@ -132,8 +132,8 @@ class PPO:
                     ptx = cfg.ptx_coef > 0 and j == 0  # the SFT mix once per minibatch
                     st = self._micro_step(sub, advantages[rows], returns[rows], denom, ptx, boundary=j == len(parts) - 1)
                     share = sub.mask.sum().item() / max(mask[idx].sum().item(), 1.0)
-                    for k, v in st.items():  # losses are partial sums over one denominator; the rest token-weighted
-                        stats[k] = stats.get(k, 0.0) + (v if k.startswith("loss/") else v * share)
+                    for k, v in st.items():  # losses and entropy are partial sums over one denominator; the rest token-weighted
+                        stats[k] = stats.get(k, 0.0) + (v if k.startswith("loss/") or k == "policy/entropy" else v * share)
                 stats["grad_norm"] = self.policy.step()
                 self.value.step()
                 self.minibatch_stats.append(stats)
@@ -155,11 +155,11 @@ class PPO:
         with ctx.backend.autocast():
             if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
                 logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
-                logprobs = logprobs_from_logits(logits, sub.rollout.response_ids, T)
-                entropy = masked_mean(entropy_from_logits(logits, T), m)
+                logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
             else:  # fused LM head; the entropy is a metric
                 logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)
-                entropy = masked_mean(token_entropy, m)
+            # like pg_loss, a sum over this micro-batch's tokens / the minibatch's count
+            entropy = masked_mean(token_entropy, m, denom=denom)
             pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], m, cfg.clip_eps, denom=denom)
             ptx_loss = None
             if ptx:

@@ -70,7 +70,9 @@ def word_level_tokenizer(vocabulary: list[str]) -> Any:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """RL needs identical forward passes for sampling and scoring ("N+ details" #3)."""
+    """RL needs identical forward passes for sampling and scoring ("N+ details" #3).
+    Dropout that a model reads from its config as a plain probability is zeroed at load
+    time instead (:func:`rlhfkit.plugins.hf_common.load_model`)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -127,13 +129,15 @@ class HFPolicyLoader:
                 )
             policy = self._tiny(vocabulary)
         else:
-            policy = self.load(self.cfg.model, quantization=quantization_config(self.cfg.lora, DTYPES[self.cfg.dtype]))
+            # SFT trains the pretrained model with the dropout it ships with
+            policy = self.load(self.cfg.model, quantization_config(self.cfg.lora, DTYPES[self.cfg.dtype]), dropout=True)
         return self.adapt(policy)
 
-    def load(self, path: str, quantization: Any = None) -> HFPolicy:
+    def load(self, path: str, quantization: Any = None, dropout: bool = False) -> HFPolicy:
         """A causal LM and its tokenizer from a hub name or a directory (an adapter-only
-        directory comes back with its adapter merged into its base)."""
-        model = load_model(path, "AutoModelForCausalLM", self.cfg.dtype, self.cfg.trust_remote_code, quantization)
+        directory comes back with its adapter merged into its base), with dropout off
+        (RL's policy and reference) unless ``dropout``."""
+        model = load_model(path, "AutoModelForCausalLM", self.cfg.dtype, self.cfg.trust_remote_code, quantization, dropout)
         return HFPolicy(model, load_tokenizer(path, self.cfg.trust_remote_code), self.cfg.lora, base=path)
 
     def adapt(self, policy: HFPolicy) -> HFPolicy:

@@ -45,7 +45,8 @@ class HFRewardConfig:
 
 
 class BackboneRewardModel(torch.nn.Module):
-    """backbone(hidden states) -> head.token_scores -> head.pool - bias."""
+    """backbone(hidden states) -> head.token_scores - bias: a critic's values, on the
+    rewards' scale; head.pool of the token scores - bias: the reward."""
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, tokenizer: Any = None,
                  lora: LoraSettings | None = None, base: str | None = None):
@@ -65,7 +66,9 @@ class BackboneRewardModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         token_scores = self.token_values(input_ids, attention_mask)
         if per_token:  # as a critic: through forward, so wrapped engines (DDP, ZeRO) see it
-            return token_scores  # (B, T)
+            # shifted like the reward ("N+ details"): else values start off by a constant
+            # that GAE turns into a length bias of the advantages
+            return token_scores - self.bias  # (B, T)
         return self.head.pool(token_scores, attention_mask) - self.bias  # (B,)
 
     def set_bias(self, bias: float) -> None:

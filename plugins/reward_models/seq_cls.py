@@ -47,8 +47,9 @@ class SeqClsConfig:
 
 
 class SeqClsRewardModel(torch.nn.Module):
-    """score(hidden) at every position; the reward is the last attended position's
-    score minus ``bias``. ``tokenizer`` is None when it reads the policy's tokens."""
+    """score(hidden) - ``bias`` at every position (a critic's values, on the rewards'
+    scale); the reward is the last attended position's. ``tokenizer`` is None when it
+    reads the policy's tokens."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, lora: LoraSettings, base: str | None):
         super().__init__()
@@ -72,8 +73,8 @@ class SeqClsRewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         scores = self.token_values(input_ids, attention_mask)
-        if per_token:
-            return scores
+        if per_token:  # a critic's values, shifted like the reward (see hf_rm)
+            return scores - self.bias  # (B, T)
         T = attention_mask.shape[1]
         last = T - 1 - attention_mask.flip(-1).long().argmax(-1)  # last attended position (left or right padding)
         return scores.gather(1, last.unsqueeze(1)).squeeze(1) - self.bias

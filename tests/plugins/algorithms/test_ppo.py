@@ -111,3 +111,51 @@ def test_resumable_state_is_the_kl_controller_and_shuffler_and_the_pipeline_sees
     fresh.load_state_dict(state)
     assert fresh.kl.value == ppo.kl.value != 0.1
     assert torch.equal(torch.randperm(50, generator=fresh.shuffle), torch.randperm(50, generator=ppo.shuffle))
+
+
+def _entropy_step(rl_ctx, micro_batch_size, entropy_coef):
+    """The policy's first-minibatch gradient (before clipping) and the step's metrics."""
+    import copy
+
+    from rlhfkit.interfaces import ScoringConfig
+
+    ctx = copy.copy(rl_ctx)
+    ctx.policy = copy.deepcopy(rl_ctx.policy)
+    ctx.scoring = ScoringConfig(train_micro_batch_size=micro_batch_size)
+    torch.manual_seed(0)
+    ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, entropy_coef=entropy_coef))
+    ppo.setup(ctx)
+    grads, step = [], ppo.policy.step
+    ppo.policy.step = lambda: grads.append(torch.cat([p.grad.flatten().clone() for p in ctx.policy.model.parameters()])) or step()
+    metrics = ppo.step(["copy a b c =", "reverse a b c d e f g =", "sort c b a =", "count a in a b a =",
+                        "copy x =", "sort h g f e d c b a =", "reverse q r =", "count b in b b b c ="])
+    return grads[0], metrics
+
+
+def test_entropy_bonus_gradient_is_the_same_with_micro_batches(rl_ctx):
+    """The entropy term averages over the minibatch's tokens, like the policy loss: split
+    into micro-batches of 2 rows, the accumulated gradient is the unsplit one."""
+    whole, m_whole = _entropy_step(rl_ctx, 0, entropy_coef=0.5)
+    split, m_split = _entropy_step(rl_ctx, 2, entropy_coef=0.5)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
+    assert m_split["policy/entropy"] == pytest.approx(m_whole["policy/entropy"], rel=1e-5)
+    assert m_split["loss/total"] == pytest.approx(m_whole["loss/total"], rel=1e-5)
+    assert m_whole["loss/total"] == pytest.approx(m_whole["loss/policy"] - 0.5 * m_whole["policy/entropy"], rel=1e-5)
+
+
+def test_the_reward_models_bias_shifts_the_critics_values(rl_ctx):
+    """The critic starts as the RM, bias included: a bias of 2 lowers every value by 2
+    (it used to leak in as a constant offset from the rewards, a length bias in GAE)."""
+    from rlhfkit.experience import collect
+
+    def values(bias):
+        rl_ctx.reward_model.set_bias(bias)
+        torch.manual_seed(0)
+        exp = collect(rl_ctx, ["copy a b c =", "sort c b a =", "reverse a b ="] * 2, critic=rl_ctx.make_critic())
+        return exp.values, exp.rm_scores, exp.mask
+
+    v0, r0, mask = values(0.0)
+    v2, r2, _ = values(2.0)
+    torch.testing.assert_close(r2, r0 - 2.0)
+    torch.testing.assert_close(v2 * mask, (v0 - 2.0) * mask)
+

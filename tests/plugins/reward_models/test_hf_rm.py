@@ -52,3 +52,20 @@ def test_wrong_head_and_missing_checkpoint_are_clear_errors(policy_dir, tmp_path
         loader.load(path, lambda h: MeanPoolHead(h, MeanPoolConfig()))
     with pytest.raises(CheckpointError, match="not a reward-model checkpoint"):
         loader.load(policy_dir, head_builder)
+
+
+@pytest.mark.parametrize("pooled", ["last_token", "mean_pool"])
+def test_critic_values_are_shifted_by_the_bias_like_the_reward(policy_dir, tiny_policy, pooled):
+    """A critic initialised from the RM starts on the rewards' scale: its per-token values
+    are the token scores minus the normalising bias, as in the N+ reference. Pooled as the
+    reward is (the last token's value, or the mean), they give the reward."""
+    build = head_builder if pooled == "last_token" else (lambda h: MeanPoolHead(h, MeanPoolConfig()))
+    rm = HFRewardLoader(HFRewardConfig()).build(policy_dir, build)
+    rm.set_bias(2.0)
+    e = encode_pairs(tiny_policy.tokenizer, ["copy a b =", "sort b a c ="], ["a b", "a"], torch.device("cpu"))
+    with torch.no_grad():
+        reward = rm(e.input_ids, e.attention_mask)
+        values = rm(e.input_ids, e.attention_mask, per_token=True)  # (B, T)
+        torch.testing.assert_close(values, rm.token_values(e.input_ids, e.attention_mask) - 2.0)
+    torch.testing.assert_close(rm.head.pool(values, e.attention_mask), reward)
+

@@ -33,6 +33,12 @@ def test_a_trained_classifier_scores_at_the_last_attended_token_with_either_padd
     torch.testing.assert_close(right, full, atol=1e-5, rtol=1e-4)
     assert rm.token_values(ids, torch.ones_like(ids)).shape == (1, 4)
     rm.set_bias(0.5)
+    # as a critic, its values are on the rewards' scale: the last token's value is the reward
+    values = rm(ids, torch.ones_like(ids), per_token=True)
+    torch.testing.assert_close(values, rm.token_values(ids, torch.ones_like(ids)) - 0.5)
+    torch.testing.assert_close(values[:, -1], full - 0.5)
+    right_values = rm(torch.tensor([[3, 4, 5, 6, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]]), per_token=True)
+    torch.testing.assert_close(right_values[:, 3], right - 0.5)
     rm.save(str(tmp_path / "again"))
     torch.testing.assert_close(loader.load(str(tmp_path / "again"), head)(ids, torch.ones_like(ids)), full - 0.5)
 
