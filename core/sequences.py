@@ -13,10 +13,11 @@ Layouts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
+import contextlib
+import functools
 import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,13 +225,30 @@ def draw_uniforms(n_rows: int, max_new_tokens: int) -> torch.Tensor:
 
 def _static_cache(model: torch.nn.Module, max_len: int) -> Any | None:
     """A preallocated KV cache of ``max_len`` positions, or None where the model's cache
-    cannot be static (then the sampler falls back to the growing dynamic cache)."""
-    try:
-        from transformers import StaticCache
+    cannot be static (then the sampler falls back to the growing dynamic cache).
 
-        return StaticCache(config=model.config, max_cache_len=max_len)
+    Keys and values are stored in one dtype, the wider of the two. Under autocast a RoPE
+    model (Llama, Qwen, ...) hands the cache fp32 keys (the rotation multiplies bf16 keys by
+    fp32 cos/sin) and bf16 values; transformers' StaticCache allocates both in the keys'
+    dtype and then cannot copy bf16 values in. Widening the values is lossless: attention
+    sees exactly what the dynamic cache and a full forward pass give it."""
+    try:
+        return _one_dtype_static_cache()(config=model.config, max_cache_len=max_len)
     except Exception:  # no config, or an architecture without static-cache support
         return None
+
+
+@functools.cache
+def _one_dtype_static_cache() -> type:
+    """The class, made once (a compiled decode step guards on the cache's type)."""
+    from transformers import StaticCache
+
+    class OneDtypeStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            dtype = torch.promote_types(key_states.dtype, value_states.dtype)
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+
+    return OneDtypeStaticCache
 
 
 @torch.no_grad()

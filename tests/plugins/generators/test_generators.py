@@ -45,6 +45,21 @@ def test_static_cache_is_preallocated_and_matches_dynamic_cache(policy):
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_static_cache_under_bf16_autocast(policy):
+    """fp32 weights under bf16 autocast, the path of every GPU run: a RoPE model (Llama)
+    hands the cache fp32 keys and bf16 values, which a plain StaticCache cannot store."""
+    cfg = RolloutConfig(max_new_tokens=8)
+    u = draw_uniforms(len(PROMPTS), cfg.max_new_tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        static = KVCacheGenerator(KVCacheConfig(static_cache=True))(policy.model, policy.tokenizer, PROMPTS, cfg, CPU, uniforms=u)
+        dynamic = KVCacheGenerator(KVCacheConfig(static_cache=False))(policy.model, policy.tokenizer, PROMPTS, cfg, CPU, uniforms=u)
+        trainer = policy_logprobs(policy.model, static, cfg.temperature)
+    assert torch.equal(static.input_ids, dynamic.input_ids)
+    m = static.response_mask.bool()
+    torch.testing.assert_close(static.logprobs[m], dynamic.logprobs[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.logprobs[m], trainer[m], atol=1e-2, rtol=1e-2)
+
+
 def test_kv_cache_greedy_matches_generate_and_logprobs_match_trainer(policy):
     model, tok = policy.model, policy.tokenizer
     r = KVCacheGenerator(KVCacheConfig())(model, tok, PROMPTS, RolloutConfig(max_new_tokens=6), CPU, greedy=True)
