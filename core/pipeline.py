@@ -22,7 +22,7 @@ from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_t
 from rlhfkit.data import DataIssues, context_length, describe
 from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.experience import any_alive_fn, policy_logprobs
+from rlhfkit.experience import any_alive_fn, check_rl_rollout, policy_logprobs
 from rlhfkit.interfaces import (
     Backend, Comparison, Dataset, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
@@ -120,6 +120,8 @@ class Run:
             raise ConfigError(f"checkpoint.every={self.ckpt_cfg.every}: use 0 (never) or a number of steps.")
         if self.guard_cfg.max_bad_steps < 1 or not 0 < self.guard_cfg.lr_factor <= 1:
             raise ConfigError("guard.max_bad_steps must be >= 1 and guard.lr_factor in (0, 1].")
+        if "rl" in cfg.stages:
+            check_rl_rollout(self.rl_cfg.rollout)
         resume = cfg.get("resume", False)
         if isinstance(resume, str) and resume.lower() not in ("true", "false", ""):
             run_dir = resume  # resume=<run dir>: continue that run there

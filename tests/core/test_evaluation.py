@@ -4,6 +4,7 @@ prompts."""
 import pytest
 
 from rlhfkit.cli import setup
+from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import Run
 
 from ..helpers import SMOKE, compose
@@ -32,3 +33,12 @@ def test_win_rate_compares_independent_draws(run, policy_dir):
     as_rl = run.evaluate(sft, sft, None, prompts, name="rl")
     assert as_rl.metrics == table["policies"]["rl"] and as_rl.responses != first.responses
 
+
+def test_rl_refuses_top_k_and_top_p(tmp_path):
+    """RL scores responses under the full softmax: a truncated sampler is refused up front
+    (a run without the rl stage may still use it to sample RM comparisons)."""
+    plugins, registry = setup()
+    for override in ("rl.rollout.top_k=5", "rl.rollout.top_p=0.9"):
+        with pytest.raises(ConfigError, match="top_k=0 rl.rollout.top_p=1.0"):
+            Run(compose(SMOKE + ["logger=[]", override]), registry, plugins, str(tmp_path / "run"))
+    Run(compose(SMOKE + ["logger=[]", "stages=[sft,rm]", "rl.rollout.top_k=5"]), registry, plugins, str(tmp_path / "rm"))
