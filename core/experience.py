@@ -119,8 +119,8 @@ def logprob_gap(sampled: torch.Tensor, scored: torch.Tensor, mask: torch.Tensor)
     """How far the sampler's logprobs are from a training-style pass's, in nats per token,
     over the valid positions: the noise a mismatch puts into the first PPO ratio and the KL."""
     gap = (sampled.float() - scored.float()).abs()[mask.bool()]
-    if gap.numel() == 0:
-        return {}
+    if gap.numel() == 0:  # the same keys on every rank (metrics are averaged over ranks by key)
+        gap = torch.zeros(1)
     return {"rollout/logprob_gap_max": gap.max().item(), "rollout/logprob_gap_mean": gap.mean().item()}
 
 
