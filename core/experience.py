@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhfkit.interfaces import Backend, RLContext
+from rlhfkit.errors import ConfigError
+from rlhfkit.interfaces import Backend, RLContext, RolloutConfig
 from rlhfkit.sequences import Rollout, draw_uniforms, response_logprobs, sample
 
 
@@ -26,11 +27,13 @@ class Experience:
     mask: torch.Tensor  # (B, R) float: response tokens up to and including EOS
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent generating and scoring (``generate``, ``score``)."""
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    """Metrics of the rollout itself, under their logged names (``rollout/logprob_gap_max``)."""
 
     def select(self, idx: torch.Tensor) -> "Experience":
         return Experience(
             self.rollout.select(idx), self.logprobs[idx], self.ref_logprobs[idx], self.rm_scores[idx], self.scores[idx],
-            None if self.values is None else self.values[idx], self.mask[idx], self.timings,
+            None if self.values is None else self.values[idx], self.mask[idx], self.timings, self.diagnostics,
         )
 
     def trimmed(self) -> "Experience":
@@ -40,7 +43,7 @@ class Experience:
         R = r.response_mask.shape[1]
         return Experience(
             r, self.logprobs[:, :R], self.ref_logprobs[:, :R], self.rm_scores, self.scores,
-            None if self.values is None else self.values[:, :R], self.mask[:, :R], self.timings,
+            None if self.values is None else self.values[:, :R], self.mask[:, :R], self.timings, self.diagnostics,
         )
 
 
@@ -101,6 +104,37 @@ def critic_values(critic: Callable[..., torch.Tensor], rollout: Rollout) -> torc
     return values[:, P - 1 : P + R - 1]
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def reduced_precision(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s forward passes run below fp32 here: under a bf16/fp16 autocast
+    (call it inside ``backend.autocast()``) or with half-precision weights."""
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in HALF:
+        return True
+    return any(p.dtype in HALF for p in model.parameters())
+
+
+def logprob_gap(sampled: torch.Tensor, scored: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's logprobs are from a training-style pass's, in nats per token,
+    over the valid positions: the noise a mismatch puts into the first PPO ratio and the KL."""
+    gap = (sampled.float() - scored.float()).abs()[mask.bool()]
+    if gap.numel() == 0:  # the same keys on every rank (metrics are averaged over ranks by key)
+        gap = torch.zeros(1)
+    return {"rollout/logprob_gap_max": gap.max().item(), "rollout/logprob_gap_mean": gap.mean().item()}
+
+
+def check_rl_rollout(rollout: RolloutConfig) -> None:
+    """RL scores every response under the policy's full softmax (old logprobs, PPO ratio,
+    KL penalty); a sampler that truncates it with top-k/top-p would make those the
+    logprobs of a policy that did not generate the data."""
+    if rollout.top_k > 0 or rollout.top_p < 1.0:
+        raise ConfigError(
+            f"rl.rollout.top_k={rollout.top_k} rl.rollout.top_p={rollout.top_p}: RL must sample the distribution its PPO "
+            "ratio and KL penalty score, the untruncated one. Set rl.rollout.top_k=0 rl.rollout.top_p=1.0 (a lower "
+            "rl.rollout.temperature sharpens sampling); top-k/top-p serve only runs without the rl stage.")
+
+
 def any_alive_fn(backend: Backend) -> Callable[[bool], bool] | None:
     """For :func:`rlhfkit.sequences.sample`: keep every rank decoding while any rank is,
     so sharded (ZeRO-3) forward passes stay in step. None on one process."""
@@ -118,10 +152,13 @@ def collect(
     ``prompts``, and score it. Sampling uniforms are drawn for the global batch, so the
     responses do not depend on the world size.
 
-    The policy's logprobs are the sampling pass's own (``ctx.scoring.recompute_logprobs``:
-    recomputed with a full forward pass instead). The scoring passes (reference
+    The policy's logprobs are the sampling pass's own, or recomputed with a full forward
+    pass (``ctx.scoring.recompute_logprobs``; by default under reduced precision). Either
+    way the gap between the two is measured, on ``ctx.scoring.logprob_gap_rows`` rows if
+    they are not recomputed, and returned in ``diagnostics``. The scoring passes (reference
     logprobs, rewards, values) run inference-only in length-bucketed micro-batches of
     ``ctx.scoring.score_micro_batch_size`` rows, each trimmed to its longest row."""
+    check_rl_rollout(ctx.rollout)
     backend = ctx.backend
     uniforms = draw_uniforms(len(prompts), ctx.rollout.max_new_tokens)  # same on every rank
     mine = backend.shard(list(range(len(prompts))))
@@ -139,10 +176,18 @@ def collect(
             uniforms=uniforms[mine], any_alive=any_alive_fn(backend),
         )
         t1 = time.perf_counter()
-        if ctx.scoring.recompute_logprobs:
+        recompute = ctx.scoring.recompute_logprobs
+        if recompute is None:
+            recompute = reduced_precision(policy, backend.device)
+        diagnostics: dict[str, float] = {}
+        if recompute:
             logprobs = _scored(lambda r: policy_logprobs(policy, r, T), rollout, size, max_rows, per_token=True)
+            diagnostics = logprob_gap(rollout.logprobs, logprobs, rollout.response_mask)
         else:
             logprobs = rollout.logprobs.float()
+            if ctx.scoring.logprob_gap_rows > 0 and mine:  # one pass on this rank's first rows (no RNG drawn)
+                few = rollout.select(torch.arange(min(ctx.scoring.logprob_gap_rows, len(mine)))).trimmed()
+                diagnostics = logprob_gap(few.logprobs, policy_logprobs(policy, few, T), few.response_mask)
         ref_logprobs = _scored(lambda r: policy_logprobs(ctx.reference.model, r, T), rollout, size, max_rows, per_token=True)
         rm_scores = _scored(lambda r: ctx.reward_model(r.input_ids, r.attention_mask), rollout, size, max_rows, per_token=False)
         values = None
@@ -156,7 +201,7 @@ def collect(
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, missing_eos_penalty))
     mask = rollout.response_mask.float()
     return Experience(rollout, logprobs * mask, ref_logprobs * mask, rm_scores, scores,
-                      None if values is None else values * mask, mask, timings)
+                      None if values is None else values * mask, mask, timings, diagnostics)
 
 
 def rollout_metrics(exp: Experience, kl: torch.Tensor, kl_coef: float, rollout_seconds: float) -> dict[str, float]:
@@ -172,4 +217,5 @@ def rollout_metrics(exp: Experience, kl: torch.Tensor, kl_coef: float, rollout_s
         "perf/tokens_per_s": exp.mask.sum().item() / max(rollout_seconds, 1e-9),
         "perf/rollout_s": rollout_seconds,
         **{f"perf/{k}_s": v for k, v in exp.timings.items()},
+        **exp.diagnostics,
     }

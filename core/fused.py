@@ -4,7 +4,8 @@ tensor kept for the backward pass.
 The LM head is applied chunk by chunk; the forward keeps only each token's log-sum-exp.
 The backward recomputes each chunk's logits and forms d logits = g * (onehot - softmax) / T
 in place, in a few passes over the vocabulary instead of the dozen that autograd's
-log-softmax, gather, division and slicing take. One extra LM-head matmul buys a
+log-softmax, gather, division and slicing take. The head runs in fp32 whatever the model's
+precision (see docs/precision.md). One extra LM-head matmul buys a
 vocab-sized tensor fewer in memory (measured: keeping the softmax instead saved only 2%
 of the CPU update time). With GPT-2's 50k vocabulary the logits are most of the policy
 update's time on CPU and most of its activation memory on GPU.
@@ -19,21 +20,17 @@ import torch
 CHUNK = 1024  # tokens per LM-head chunk
 
 
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
 class _ChosenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden, weight, bias, tokens, temperature: float, chunk: int):
-        cdtype = _compute_dtype(hidden.device, weight.dtype)
+        # The head projects in fp32 (fp64 for fp64 weights) even under autocast or with bf16
+        # weights: bf16 logits would put up to 0.03 nats of rounding into every logprob, and
+        # so into the PPO ratio and the KL penalty (the sampler keeps its head in fp32 too).
+        cdtype = acc = torch.promote_types(weight.dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
             b = None if bias is None else bias.to(cdtype)
             n = hidden.shape[0]
-            acc = torch.promote_types(cdtype, torch.float32)  # softmax maths in fp32 (or fp64)
             logp = torch.empty(n, dtype=acc, device=hidden.device)
             entropy = torch.empty_like(logp)
             lse = torch.empty_like(logp)

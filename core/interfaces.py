@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -262,9 +262,15 @@ class ScoringConfig:
     train_micro_batch_size: int = 0
     """Rows per training micro-batch; gradients accumulate over a minibatch's
     micro-batches before one optimizer step (0: the whole minibatch at once)."""
-    recompute_logprobs: bool = False
+    recompute_logprobs: Optional[bool] = None
     """Recompute the policy's logprobs with a training-style forward pass instead of using
-    the sampling pass's (costs a forward pass; first PPO ratio exactly 1)."""
+    the sampling pass's (costs a forward pass; first PPO ratio exactly 1). null: recompute
+    under reduced precision (bf16/fp16 autocast or weights), where the sampler's decode
+    kernels round differently from a training pass, and not in fp32 (see docs/precision.md)."""
+    logprob_gap_rows: int = 4
+    """Rows per rollout whose sampler logprobs are checked against a training-style pass,
+    logged as ``rollout/logprob_gap_max`` and ``_mean`` (0: off; every row, at no cost,
+    when the logprobs are recomputed anyway)."""
 
 
 @runtime_checkable
@@ -277,7 +283,8 @@ class Generator(Protocol):
     ) -> Any:
         """A :class:`rlhfkit.sequences.Rollout`: left-padded prompts, then responses
         right-padded after EOS, with the sampled tokens' logprobs at ``cfg.temperature``
-        (before top-k/top-p) from the same forward pass. ``uniforms`` (B, max_new_tokens)
+        (before top-k/top-p) from the same forward pass, its LM head in fp32 (see
+        :func:`rlhfkit.sequences.fp32_lm_head`). ``uniforms`` (B, max_new_tokens)
         are the global RNG's draws for these rows, for world-size-invariant engines;
         ``any_alive`` keeps sharded (ZeRO-3) ranks decoding in step."""
 

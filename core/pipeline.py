@@ -22,7 +22,7 @@ from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_t
 from rlhfkit.data import DataIssues, context_length, describe
 from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.experience import any_alive_fn, policy_logprobs
+from rlhfkit.experience import any_alive_fn, check_rl_rollout, policy_logprobs
 from rlhfkit.interfaces import (
     Backend, Comparison, Dataset, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
@@ -120,6 +120,8 @@ class Run:
             raise ConfigError(f"checkpoint.every={self.ckpt_cfg.every}: use 0 (never) or a number of steps.")
         if self.guard_cfg.max_bad_steps < 1 or not 0 < self.guard_cfg.lr_factor <= 1:
             raise ConfigError("guard.max_bad_steps must be >= 1 and guard.lr_factor in (0, 1].")
+        if "rl" in cfg.stages:
+            check_rl_rollout(self.rl_cfg.rollout)
         resume = cfg.get("resume", False)
         if isinstance(resume, str) and resume.lower() not in ("true", "false", ""):
             run_dir = resume  # resume=<run dir>: continue that run there
@@ -612,13 +614,20 @@ class Run:
         return prompts[: self.eval_cfg.num_prompts]
 
     @torch.no_grad()
-    def evaluate(self, policy: Policy, reference: Policy, rm: RewardModel | None, prompts: Sequence[str]) -> "EvalResult":
-        """Mean gold reward, proxy (RM) reward, KL to SFT and EOS rate of ``policy``'s samples."""
+    def evaluate(self, policy: Policy, reference: Policy, rm: RewardModel | None, prompts: Sequence[str],
+                 name: str = "rl") -> "EvalResult":
+        """Mean gold reward, proxy (RM) reward, KL to SFT and EOS rate of ``policy``'s samples.
+
+        Each ``name`` (sft, rl) samples from its own fixed stream: reproducible, and
+        independent of the other policy's. Were the streams shared, inverse-CDF sampling
+        would couple SFT's and RL's responses (the same uniforms pick the same tokens where
+        the policies agree), and the win rate would not compare independent draws as
+        InstructGPT's does."""
         rollout_cfg = self.rl_cfg.rollout
         was_training = policy.model.training
         policy.model.eval()
         gen = torch.random.get_rng_state()
-        torch.manual_seed(self.cfg.seed + 12345)  # every policy is scored on the same draws
+        torch.manual_seed(self.cfg.seed + 12345 + EVAL_STREAMS[name])
         responses, kls, proxies, ended = [], [], [], []
         bs = self.eval_cfg.batch_size
         for i in range(0, len(prompts), bs):
@@ -716,13 +725,13 @@ class Run:
         table: dict[str, Any] = {"num_prompts": len(prompts), "policies": {}}
         if self._reported:
             table["data_skipped"] = dict(self._reported)
-        base = self.evaluate(sft, sft, rm, prompts)
+        base = self.evaluate(sft, sft, rm, prompts, name="sft")
         table["policies"]["sft"] = base.metrics
         self.log("eval", 0, {f"sft/{k}": v for k, v in base.metrics.items()})
         if self.main:
             self.hook.rlhfkit_log_samples(stage="sft", step=0, rows=base.rows(self.eval_cfg.num_samples_logged))
         if rl_policy is not None:
-            res = self.evaluate(rl_policy, sft, rm, prompts)
+            res = self.evaluate(rl_policy, sft, rm, prompts, name="rl")
             table["policies"]["rl"] = res.metrics
             if base.gold is not None and res.gold is not None:
                 wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(res.gold, base.gold))
@@ -736,6 +745,10 @@ class Run:
             if self.main:
                 self.hook.rlhfkit_log_samples(stage="rl", step=0, rows=res.rows(self.eval_cfg.num_samples_logged))
         return table
+
+
+EVAL_STREAMS = {"sft": 0, "rl": 1}
+"""Offsets of each evaluated policy's sampling seed (see :meth:`Run.evaluate`)."""
 
 
 @dataclass

@@ -13,10 +13,11 @@ Layouts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
+import contextlib
+import functools
 import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,16 +225,45 @@ def draw_uniforms(n_rows: int, max_new_tokens: int) -> torch.Tensor:
 
 def _static_cache(model: torch.nn.Module, max_len: int) -> Any | None:
     """A preallocated KV cache of ``max_len`` positions, or None where the model's cache
-    cannot be static (then the sampler falls back to the growing dynamic cache)."""
-    try:
-        from transformers import StaticCache
+    cannot be static (then the sampler falls back to the growing dynamic cache).
 
-        return StaticCache(config=model.config, max_cache_len=max_len)
+    Keys and values are stored in one dtype, the wider of the two. Under autocast a RoPE
+    model (Llama, Qwen, ...) hands the cache fp32 keys (the rotation multiplies bf16 keys by
+    fp32 cos/sin) and bf16 values; transformers' StaticCache allocates both in the keys'
+    dtype and then cannot copy bf16 values in. Widening the values is lossless: attention
+    sees exactly what the dynamic cache and a full forward pass give it."""
+    try:
+        return _one_dtype_static_cache()(config=model.config, max_cache_len=max_len)
     except Exception:  # no config, or an architecture without static-cache support
         return None
 
 
+@functools.cache
+def _one_dtype_static_cache() -> type:
+    """The class, made once (a compiled decode step guards on the cache's type)."""
+    from transformers import StaticCache
+
+    class OneDtypeStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            dtype = torch.promote_types(key_states.dtype, value_states.dtype)
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+
+    return OneDtypeStaticCache
+
+
+def _with_fp32_lm_head(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn(model, ...)`` inside :func:`fp32_lm_head` of its ``model``."""
+
+    @functools.wraps(fn)
+    def wrapper(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with fp32_lm_head(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
 @torch.no_grad()
+@_with_fp32_lm_head
 def sample(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device,
     greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
@@ -242,7 +272,8 @@ def sample(
     """Batched sampling of left-padded prompts with a KV cache. Stops once every sequence
     has produced EOS. The logprob of each sampled token comes out of the same forward pass,
     at the sampling temperature and before top-k/top-p filtering (the distribution the
-    trainer scores).
+    trainer scores: RL refuses top-k/top-p), with the LM head in fp32 (see
+    :func:`fp32_lm_head`).
 
     ``static_cache``: preallocate the cache and the attention mask for P + max_new_tokens
     positions, so every decode step has the same shapes (what CUDA graphs and
@@ -335,24 +366,60 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     the vocabulary projection."""
     R = rollout.response_mask.shape[1]
     kw = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
-    try:
-        logits = model(**kw, logits_to_keep=R + 1).logits
-    except TypeError:  # a model without logits_to_keep: project every position
-        logits = model(**kw).logits
+    with fp32_lm_head(model):
+        try:
+            logits = model(**kw, logits_to_keep=R + 1).logits
+        except TypeError:  # a model without logits_to_keep: project every position
+            logits = model(**kw).logits
     return logits[:, -(R + 1) : -1]
 
 
 _UNFUSABLE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
-def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The plain linear LM head the fused path can use, or None (no such head, or one
-    whose weight is a ZeRO-3 shard that only the module's own forward gathers)."""
+def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's linear LM head, or None (no such head, or one whose weight is a ZeRO-3
+    shard that only the module's own forward gathers)."""
     inner = getattr(model, "module", model)  # engines wrap the model
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id") or inner in _UNFUSABLE:
+    if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id"):
         return None
     return head
+
+
+def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain linear LM head the fused path can use, or None (see :func:`_plain_head`;
+    or a model whose logits are not the head's output)."""
+    if getattr(model, "module", model) in _UNFUSABLE:
+        return None
+    return _plain_head(model)
+
+
+@contextlib.contextmanager
+def fp32_lm_head(model: torch.nn.Module) -> Iterator[None]:
+    """Within: ``model``'s LM head projects in fp32 even under autocast or with bf16/fp16
+    weights. Logits rounded to bf16 are off by up to half a unit in the last place (0.03 at a
+    logit of 8), and so are the logprobs made from them; sampling and every scoring pass
+    keep the head in fp32, as :mod:`rlhfkit.fused` does. A no-op in full precision and for
+    a head this cannot reach (ZeRO-3 shards)."""
+    head = _plain_head(model)
+    device = head.weight.device.type if head is not None else "cpu"
+    if (head is None or "forward" in head.__dict__  # already inside
+            or not (torch.is_autocast_enabled(device) or head.weight.dtype in (torch.bfloat16, torch.float16))):
+        yield
+        return
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, enabled=False):
+            bias = None if head.bias is None else head.bias.to(dtype)
+            return F.linear(hidden.to(dtype), head.weight.to(dtype), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def response_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,10 @@
 
 For models whose forward the ``kv_cache`` engine cannot drive (a custom cache, say) and as
 a reference to compare against. The logprobs come from the same pass (``output_logits``:
-the raw logits, at the sampling temperature, before top-k/top-p). Unlike ``kv_cache``,
+the raw logits, at the sampling temperature, before top-k/top-p). ``generate`` samples with
+rlhfkit's settings only (max_new_tokens, temperature, top_k, top_p): the checkpoint's own
+``generation_config`` (a repetition penalty, say) is ignored, so the sampled distribution is
+the one the logprobs score. Unlike ``kv_cache``,
 samples depend on the batch and world size (``generate`` draws with ``multinomial``), so
 multi-rank runs are not bit-equal to one process. Under ZeRO-3, ranks stay in step with
 ``synced_gpus``.
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 from rlhfkit import hookimpl
 from rlhfkit.interfaces import RolloutConfig
-from rlhfkit.sequences import Rollout, decode_responses, encode_prompts
+from rlhfkit.sequences import Rollout, _static_cache, decode_responses, encode_prompts, fp32_lm_head
 
 
 @dataclass
@@ -36,15 +39,30 @@ class HFGenerator:
         self, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device, *,
         greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
     ) -> Rollout:
+        from transformers import GenerationConfig
+
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         P = ids.shape[1]
-        sampling = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-        out = model.generate(
-            input_ids=ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens, do_sample=not greedy,
-            eos_token_id=eos, pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
-            cache_implementation=self.cfg.cache_implementation, synced_gpus=any_alive is not None, **sampling,
+        sampling = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        # our own static cache: transformers' cannot hold the mixed key/value dtypes of a RoPE model under autocast
+        cache = _static_cache(model, P + cfg.max_new_tokens) if self.cfg.cache_implementation == "static" else None
+        settings = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, eos_token_id=eos, pad_token_id=pad,
+            output_logits=True, return_dict_in_generate=True, **sampling,
+            **({} if cache is not None else {"cache_implementation": self.cfg.cache_implementation}),
         )
+        # generate fills every setting ours leaves unset from the model's generation_config (a
+        # checkpoint's repetition_penalty, top_k=50, ...): those would reshape the sampled
+        # distribution, which the logprobs (raw logits) do not see. Lend it a blank one.
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            with fp32_lm_head(model):
+                out = model.generate(input_ids=ids, attention_mask=prompt_mask, generation_config=settings,
+                                     synced_gpus=any_alive is not None,
+                                     **({"past_key_values": cache} if cache is not None else {}))
+        finally:
+            model.generation_config = saved
         response = out.sequences[:, P:]
         logits = torch.stack(out.logits, 1).float() / cfg.temperature  # (B, R, V), before any filtering
         logprobs = F.log_softmax(logits, -1).gather(-1, response[..., None]).squeeze(-1)

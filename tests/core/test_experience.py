@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rlhfkit.experience import buckets, collect, micro_batches
+from rlhfkit.experience import buckets, collect, micro_batches, policy_logprobs, rollout_metrics
 from rlhfkit.interfaces import ScoringConfig
 from rlhfkit.pipeline import enable_gradient_checkpointing
 from rlhfkit.plugins.algorithms.a2c import A2C, A2CConfig
@@ -67,6 +67,48 @@ def test_micro_batched_scoring_equals_one_pass(rl_ctx, recompute):
     # same-pass logprobs are the trainer's logprobs (the policy is the reference here)
     torch.testing.assert_close(whole.logprobs, whole.ref_logprobs, atol=1e-4, rtol=1e-4)
     assert set(whole.timings) == {"generate", "score"}
+
+
+def test_logprob_gap_is_logged_and_near_zero_in_fp32(rl_ctx):
+    ctx = copy.copy(rl_ctx)
+    ctx.scoring = ScoringConfig(logprob_gap_rows=3)
+    exp = collect(ctx, PROMPTS, critic=rl_ctx.reward_model)
+    metrics = rollout_metrics(exp, exp.logprobs - exp.ref_logprobs, 0.1, 1.0)
+    assert 0.0 <= metrics["rollout/logprob_gap_mean"] <= metrics["rollout/logprob_gap_max"] < 1e-4
+    ctx.scoring = ScoringConfig(logprob_gap_rows=0)
+    assert "rollout/logprob_gap_max" not in collect(ctx, PROMPTS).diagnostics
+
+
+def _off_by(delta):
+    """A sampler whose logprobs are ``delta`` nats off the policy's: a stand-in for the
+    rounding of bf16 decode kernels, large enough to see."""
+
+    def generate(*args, **kwargs):
+        r = sample(*args, **kwargs)
+        r.logprobs = r.logprobs - delta * r.response_mask
+        return r
+
+    return generate
+
+
+def test_reduced_precision_recomputes_logprobs_by_default(rl_ctx):
+    from rlhfkit.plugins.backends.single import SingleConfig, SingleDevice
+
+    ctx = copy.copy(rl_ctx)
+    ctx.generate = _off_by(0.25)
+    fp32 = collect(ctx, PROMPTS)  # fp32: the sampler's logprobs, checked on a few rows
+    assert torch.equal(fp32.logprobs, fp32.rollout.logprobs * fp32.mask)
+    assert abs(fp32.diagnostics["rollout/logprob_gap_max"] - 0.25) < 1e-3
+    ctx.backend = SingleDevice(SingleConfig(device="cpu", precision="bf16"))
+    bf16 = collect(ctx, PROMPTS)  # bf16: recomputed by a training-style pass; the gap of every row
+    m = bf16.mask.bool()
+    with ctx.backend.autocast():
+        recomputed = policy_logprobs(ctx.policy.model, bf16.rollout, ctx.rollout.temperature)
+    torch.testing.assert_close(bf16.logprobs[m], recomputed[m])
+    assert abs(bf16.diagnostics["rollout/logprob_gap_mean"] - 0.25) < 1e-2
+    ctx.scoring = ScoringConfig(recompute_logprobs=False)  # the setting still wins
+    kept = collect(ctx, PROMPTS)
+    assert torch.equal(kept.logprobs, kept.rollout.logprobs * kept.mask)
 
 
 def _train(ctx, make, scoring, checkpointing=False):

@@ -45,6 +45,26 @@ def test_static_cache_is_preallocated_and_matches_dynamic_cache(policy):
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_static_cache_under_bf16_autocast(policy):
+    """fp32 weights under bf16 autocast, the path of every GPU run: a RoPE model (Llama)
+    hands the cache fp32 keys and bf16 values, which a plain StaticCache cannot store."""
+    cfg = RolloutConfig(max_new_tokens=8)
+    u = draw_uniforms(len(PROMPTS), cfg.max_new_tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        static = KVCacheGenerator(KVCacheConfig(static_cache=True))(policy.model, policy.tokenizer, PROMPTS, cfg, CPU, uniforms=u)
+        dynamic = KVCacheGenerator(KVCacheConfig(static_cache=False))(policy.model, policy.tokenizer, PROMPTS, cfg, CPU, uniforms=u)
+        trainer = policy_logprobs(policy.model, static, cfg.temperature)
+    assert torch.equal(static.input_ids, dynamic.input_ids)
+    m = static.response_mask.bool()
+    torch.testing.assert_close(static.logprobs[m], dynamic.logprobs[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.logprobs[m], trainer[m], atol=1e-2, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # transformers' generate, on the same static cache
+        theirs = HFGenerator(HFGenerateConfig(cache_implementation="static"))(
+            policy.model, policy.tokenizer, PROMPTS, cfg, CPU, greedy=True)
+        ours = KVCacheGenerator(KVCacheConfig())(policy.model, policy.tokenizer, PROMPTS, cfg, CPU, greedy=True)
+    assert torch.equal(theirs.input_ids, ours.input_ids)
+
+
 def test_kv_cache_greedy_matches_generate_and_logprobs_match_trainer(policy):
     model, tok = policy.model, policy.tokenizer
     r = KVCacheGenerator(KVCacheConfig())(model, tok, PROMPTS, RolloutConfig(max_new_tokens=6), CPU, greedy=True)
@@ -112,6 +132,28 @@ def test_hf_generate_engine_agrees_with_kv_cache(policy):
     m = r.response_mask.bool()
     torch.testing.assert_close(r.logprobs[m], policy_logprobs(model, r, cfg.temperature)[m], atol=1e-4, rtol=1e-4)
     assert torch.all(r.response_ids[~m] == tok.pad_token_id)
+
+
+def test_hf_generate_ignores_the_checkpoint_generation_config(policy, tmp_path):
+    """A checkpoint's generation_config (a repetition penalty, no repeated tokens, top_k=1)
+    must not reshape what generate samples: the logprobs score the raw distribution."""
+    from transformers import AutoModelForCausalLM
+
+    tok, cfg = policy.tokenizer, RolloutConfig(max_new_tokens=6)
+    engine = HFGenerator(HFGenerateConfig())
+    plain = engine(policy.model, tok, PROMPTS, cfg, CPU, greedy=True)
+    gc = policy.model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.do_sample, gc.top_k = 100.0, 1, True, 1
+    policy.model.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.generation_config.repetition_penalty == 100.0
+    assert torch.equal(engine(model, tok, PROMPTS, cfg, CPU, greedy=True).input_ids, plain.input_ids)
+    torch.manual_seed(0)
+    sampled = engine(model, tok, PROMPTS * 4, cfg, CPU)
+    assert not torch.equal(sampled.input_ids, engine(model, tok, PROMPTS * 4, cfg, CPU, greedy=True).input_ids)
+    m = sampled.response_mask.bool()
+    torch.testing.assert_close(sampled.logprobs[m], policy_logprobs(model, sampled, cfg.temperature)[m], atol=1e-4, rtol=1e-4)
+    assert model.generation_config.repetition_penalty == 100.0  # lent a blank config, given its own back
 
 
 class ConstantEngine:
