@@ -46,6 +46,20 @@ class DataIssues:
         return "; ".join(f"{n} x {reason} (first at {self.first[reason]})" for reason, n in self.counts.most_common())
 
 
+def special_tokens(tokenizer: Any) -> dict[str, str]:
+    """The strings ``tokenizer`` reads as one special token wherever they occur in text (its
+    EOS, PAD, UNK, chat markers...), each with its role (``eos_token``) or ``special token``.
+    Data holding one literally would not mean what it says: the files plugin makes such a
+    record bad data (see docs/reliability.md)."""
+    found = {t.content: "special token" for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+             if getattr(t, "special", False)}
+    found.update({t: "special token" for t in getattr(tokenizer, "all_special_tokens", None) or []})
+    for role, value in (getattr(tokenizer, "special_tokens_map", None) or {}).items():
+        if isinstance(value, str) and value in found:
+            found[value] = role if found[value] == "special token" else f"{found[value]} and {role}"
+    return {t: r for t, r in found.items() if t}
+
+
 def context_length(model: Any) -> int | None:
     """The longest sequence ``model`` takes (positions), or None if it does not say."""
     cfg = getattr(model, "config", None)

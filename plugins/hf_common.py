@@ -1,6 +1,7 @@
 """Hugging Face model plumbing shared by the policy and reward-model plugins: loading by
-hub name or path in a dtype, LoRA/QLoRA through PEFT, and saving either the adapter alone
-or the model with the adapter merged in. Not a plugin itself.
+hub name (from the local cache under ``HF_HUB_OFFLINE=1``) or path in a dtype, LoRA/QLoRA
+through PEFT, and saving either the adapter alone or the model with the adapter merged in.
+Not a plugin itself.
 
 An adapter-only checkpoint is an ordinary PEFT directory (``adapter_config.json`` and
 ``adapter_model.safetensors``). Its ``base_model_name_or_path`` is a hub name, or a path
@@ -11,10 +12,11 @@ on an SFT adapter on a hub model) and merges the adapter in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -133,9 +135,8 @@ def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, 
     probability zeroed (RL needs identical forward passes) unless ``dropout``."""
     import transformers
 
-    looks_local = os.path.sep in path or path.startswith(".") or os.path.isdir(path)
-    if looks_local and not os.path.isdir(path):
-        raise CheckpointError(f"No model directory at {path!r}. Check the path, or use a hub name.")
+    if not os.path.isdir(path):
+        check_hub_name(path)
     kw = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if quantization is not None:
         kw["quantization_config"] = quantization
@@ -151,7 +152,8 @@ def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, 
             raise CheckpointError(f"{path}: adapter task_type {task!r} is not one rlhfkit loads ({sorted(_TASK_CLASSES)}).")
         base = resolve_base(path, adapter.get("base_model_name_or_path") or "")
         model = load_model(base, base_class, dtype, trust_remote_code, quantization, dropout, **kwargs)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        with refusing_pickles(path):
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
         if auto_class == "AutoModel" and base_class != "AutoModel":
             model = model.base_model  # the backbone of a causal LM (or classifier)
         elif auto_class != base_class and auto_class != "AutoModel":
@@ -159,9 +161,54 @@ def load_model(path: str, auto_class: str, dtype: str, trust_remote_code: bool, 
         return model
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        return getattr(transformers, auto_class).from_pretrained(path, config=config if dropout else without_dropout(config), **kw)
+        with refusing_pickles(path):
+            return getattr(transformers, auto_class).from_pretrained(path, config=config if dropout else without_dropout(config), **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"Could not load {auto_class} from {path!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def refusing_pickles(path: str) -> Iterator[None]:
+    """transformers and PEFT read ``.bin`` weights with ``torch.load(weights_only=True)``: a
+    file that holds Python objects (a pickle that could run code) is a bad checkpoint."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        lines = [x for x in str(exc).splitlines() if "GLOBAL" in x] or str(exc).splitlines()[:1]
+        raise CheckpointError(
+            f"{path}: its .bin weights hold more than tensors, so rlhfkit will not load them (loading them could "
+            f"run arbitrary code): {lines[0].strip()} Use a safetensors copy of the model, converted where you trust its source."
+        ) from None
+
+
+def is_hub_name(name: str) -> bool:
+    """``name`` or ``org/name`` as the hub spells a model, not a path (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_hub_name(name: str) -> None:
+    """A model that is not a local directory is a hub name, found in the Hugging Face cache
+    when offline (``HF_HUB_OFFLINE=1``); anything else is a clear error before loading."""
+    if not is_hub_name(name):
+        raise CheckpointError(f"No model directory at {name!r}. Check the path, or use a hub name (org/name).")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # from_pretrained finds it in the cache or downloads it
+    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", ADAPTER_CONFIG)):
+        raise CheckpointError(
+            f"{name!r} is neither a local directory nor a model in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            f"and HF_HUB_OFFLINE=1 forbids downloading it. Download it where there is network access "
+            f"(hf download {name}, with HF_HOME pointing at the same cache), or give the path of a local copy."
+        )
 
 
 def apply_lora(model: Any, lora: LoraSettings, task_type: str) -> Any:

@@ -128,3 +128,18 @@ def save_tiny_model(arch: str, path: str, texts: list[str], chat_template: str |
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def save_to_hf_cache(model_dir: str, hub_cache: str, repo_id: str, revision: str = "0" * 40) -> str:
+    """Copy a saved model into a Hugging Face hub cache (``$HF_HOME/hub``) the way
+    ``hf download`` lays it out: ``models--org--name/snapshots/<revision>/`` with
+    ``refs/main`` naming the revision. Returns the snapshot directory."""
+    import shutil
+
+    repo = os.path.join(hub_cache, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", revision)
+    shutil.copytree(model_dir, snapshot)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(revision)
+    return snapshot

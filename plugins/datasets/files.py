@@ -21,7 +21,14 @@ prompt              ``{"prompt": ...}`` (RL prompts)
 ``data.fields.<name>=<your field>`` maps field names (``data.fields.prompt=question``).
 Chat messages are rendered with the policy tokenizer's chat template when it has one,
 else as Human/Assistant turns. A record that does not fit is an error naming the file,
-line and field, or (``bad_data=skip``) is skipped and counted.
+line and field, or (``bad_data=skip``) is skipped and counted. A source with no usable
+record (an empty file, or every record skipped) is an error naming it.
+
+Text that holds one of the policy tokenizer's special tokens literally (``<eos>`` for the
+tiny models' word-level tokenizer; ``<|endoftext|>``, chat markers and the like for a
+pretrained one) is a bad record too: tokenized, it would be that special token (an EOS
+in mid-response), not the text. Give conversations as ``messages``; they are rendered with
+the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from rlhfkit import hookimpl
 from rlhfkit.config import BadData
-from rlhfkit.data import DataIssues
+from rlhfkit.data import DataIssues, special_tokens
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.interfaces import Comparison, Example, Sampler
 
@@ -81,7 +89,8 @@ class FileDataConfig:
     fields: FieldNames = field(default_factory=FieldNames)
     """Field-name mapping: ``fields.prompt=question fields.chosen=better``."""
     on_error: BadData = BadData.error
-    """error or skip (the presets use the run's ``bad_data``)."""
+    """error or skip (the presets use the run's ``bad_data``) a bad record, such as one whose
+    text holds a special token of the policy's tokenizer (``<eos>``) literally."""
     max_records: int = 0
     """Read at most this many records per source (0: all)."""
     seed: int = 0
@@ -104,6 +113,8 @@ class FileData:
         self.cfg = cfg
         self.issues = DataIssues(cfg.on_error)
         self.render: Callable[[list[dict[str, str]], bool], str] = render_plain
+        self.special: dict[str, str] = {}  # the bound tokenizer's special tokens -> their role
+        self._special_re: re.Pattern[str] | None = None
         self._cache: dict[tuple[str, str], Any] = {}
         self.sources: dict[str, str] = {}
         self._records: dict[tuple[str, str, str], list[Record]] = {}
@@ -140,6 +151,9 @@ class FileData:
             self.render = render
         else:
             self.render = render_plain
+        self.special = special_tokens(tokenizer)
+        longest_first = sorted(self.special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
         self._cache.clear()
 
     def sft_examples(self, split: str) -> list[Example]:
@@ -163,10 +177,12 @@ class FileData:
             else:
                 records = self._split(self._read(source, self.cfg.split), split)
             out: dict[str, list] = {"sft": [], "comparisons": [], "prompts": []}
+            usable = 0
             for where, rec in records:
                 item = self.parse(where, rec)
                 if item is None:
                     continue
+                usable += 1
                 self.sources.setdefault(item if isinstance(item, str) else item.prompt, where)
                 if isinstance(item, Comparison):
                     out["comparisons"].append(item)
@@ -176,8 +192,27 @@ class FileData:
                     out["sft"].append(item)
                 out["prompts"].append(item if isinstance(item, str) else item.prompt)
             out["prompts"] = list(dict.fromkeys(out["prompts"]))  # once each, in order
+            if records and not usable and (split == "train" or self.cfg.test_path):
+                self._nothing_usable(source, split)
             self._cache[key] = out
         return self._cache[key]
+
+    def _nothing_usable(self, source: str, split: str) -> None:
+        if split == "test":
+            self._unusable(self.cfg.test_path, "no usable record")
+        if not (self.cfg.test_path or self.cfg.test_split) and any(self._parsed(source, "test").values()):
+            self._unusable(source, "no usable record outside the held-out share (data.test_fraction)")
+        self._unusable(source, "no usable record")  # the held-out share's bad records are counted too now
+
+    def _unusable(self, source: str, what: str) -> None:
+        """A source that gives nothing to train on: name it, and what bad_data=skip dropped."""
+        key = next((f"data.{k}" for k in ("path", "sft", "comparisons", "prompts", "test_path")
+                    if getattr(self.cfg, k) == source), "data source")
+        dropped = sum(self.issues.counts.values())
+        why = (f"bad_data=skip skipped {dropped} bad record(s): {self.issues.summary()}" if dropped
+               else "the file is empty or blank" if os.path.isfile(source) else "the dataset is empty")
+        raise DataError(f"{key}={source}: {what} ({why}). Point {key} at records in one of the formats of data.format "
+                        "(data.fields.<name>=<field> maps field names).")
 
     def _split(self, records: list[Record], split: str) -> list[Record]:
         if self.cfg.test_fraction == 0 or len(records) < 2:
@@ -196,6 +231,8 @@ class FileData:
                 out.append(record)
                 if self.cfg.max_records and len(out) >= self.cfg.max_records:
                     break
+            if not out:
+                self._unusable(source, "no records")
             self._records[key] = out
         return self._records[key]
 
@@ -225,6 +262,9 @@ class FileData:
         bad = self.issues.bad
         if not isinstance(rec, dict):
             return bad(where, "record is not a JSON object", f"got {type(rec).__name__}")
+        surrogate = lone_surrogate(rec)
+        if surrogate:
+            return bad(where, "lone surrogate in a string", f"{surrogate} is half of a UTF-16 pair, not a character")
         fmt = self.cfg.format if self.cfg.format != "auto" else self.detect(rec)
         if fmt is None:
             return bad(where, "unrecognised record", f"fields {sorted(rec)[:8]}; expected one of the formats in data.format "
@@ -243,7 +283,15 @@ class FileData:
             raise _Bad(f"field '{field_name}' is not a string", f"got {type(value).__name__}")
         if not value.strip():
             raise _Bad(f"empty {what} in field '{field_name}'")
-        return value
+        return self._plain(value, field_name)
+
+    def _plain(self, text: str, field_name: str) -> str:
+        """``text``, if it holds none of the tokenizer's special tokens."""
+        found = self._special_re.search(text) if self._special_re else None
+        if found:
+            raise _Bad(f"special token in field '{field_name}'", f"{found.group()!r} is the tokenizer's "
+                       f"{self.special[found.group()]}, so it would not be read as text")
+        return text
 
     def _messages(self, rec: dict[str, Any], name: str) -> list[dict[str, str]]:
         value = self._get(rec, name)
@@ -255,6 +303,7 @@ class FileData:
         for i, m in enumerate(value):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise _Bad(f"field '{field_name}' has a malformed message", f"message {i} needs string 'role' and 'content'")
+            self._plain(m["content"], field_name)
         return value
 
     def _parse_prompt_completion(self, where: str, rec: dict[str, Any]) -> Example:
@@ -312,6 +361,7 @@ class FileData:
                 raise _Bad(f"field '{name}' has a non-string response", f"item {i}")
             if not x.strip():
                 raise _Bad(f"empty response in field '{name}'", f"item {i}")
+            self._plain(x, name)
         ranking, scores = self._get(rec, "ranking"), self._get(rec, "scores")
         if ranking is None and scores is None:
             raise _Bad(f"missing field '{self._name('ranking')}' (or '{self._name('scores')}')")
@@ -333,6 +383,24 @@ class FileData:
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str = ""):
         self.reason, self.detail = reason, detail
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """A lone surrogate (``"\\ud800"``: JSON's escapes allow one, UTF-8 and every tokenizer
+    refuse it) in a decoded record's strings, keys included, escaped; else None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return ascii(v[exc.start])
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return None
 
 
 def render_plain(messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:

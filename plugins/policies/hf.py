@@ -56,11 +56,15 @@ def quiet_transformers() -> None:
 
 
 def word_level_tokenizer(vocabulary: list[str]) -> Any:
-    """A whitespace word-level tokenizer: every vocabulary symbol is one token."""
+    """A whitespace word-level tokenizer: every vocabulary symbol is one token. The special
+    tokens come first, once each: a data word spelled like one (``<eos>``) is that token,
+    and the files plugin makes a record holding one bad data."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([SPECIAL["pad"], SPECIAL["eos"], SPECIAL["unk"], *vocabulary])}
+    specials = [SPECIAL["pad"], SPECIAL["eos"], SPECIAL["unk"]]
+    words = [w for w in vocabulary if w not in specials]
+    vocab = {tok: i for i, tok in enumerate([*specials, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces

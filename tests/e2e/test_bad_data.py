@@ -68,3 +68,41 @@ def test_a_prompt_longer_than_the_context_is_an_error_by_default(tmp_path):
                 cwd=str(tmp_path))
     assert r.returncode == 1
     assert f"{prefs}:121: prompt longer than the context (101 tokens; the model takes 64)" in r.stderr
+
+
+def test_special_tokens_and_lone_surrogates_in_the_text_are_bad_data_not_crashes(tmp_path):
+    """A literal <eos>, <pad> or <unk> crashed the tiny models' embedding (IndexError) and a
+    lone surrogate crashed the tokenizer: now each is a bad record, in either mode."""
+    extra = [json.dumps({"prompt": "reverse a <eos> b =", "chosen": "b a", "rejected": "a b"}),
+             json.dumps({"prompt": "reverse a b =", "chosen": "b <pad> a", "rejected": "<unk>"}),
+             '{"prompt": "reverse \\ud800 a =", "chosen": "a", "rejected": "b"}']
+    prefs = _prefs(tmp_path / "special.jsonl", extra=extra[:2])
+    r = run_cli(SMOKE + ["data=jsonl", f"data.path={prefs}", "data.test_fraction=0", f"hydra.run.dir={tmp_path / 'error'}"],
+                cwd=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"{prefs}:121: special token in field 'prompt' ('<eos>' is the tokenizer's eos_token, so it would not be "
+            "read as text)") in r.stderr
+    prefs = _prefs(tmp_path / "prefs.jsonl", extra=extra)
+    args = SMOKE + ["data=jsonl", f"data.path={prefs}"]
+    run_dir = tmp_path / "skip"
+    r = run_cli(args + ["bad_data=skip", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(run_dir / "eval.json"))["data_skipped"] == {
+        "special token in field 'prompt'": 1, "special token in field 'chosen'": 1, "lone surrogate in a string": 1}
+    r = run_cli(args + [f"hydra.run.dir={tmp_path / 'surrogate'}"], cwd=str(tmp_path))  # bad_data=error
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{prefs}:123: lone surrogate in a string ('\\ud800' is half of a UTF-16 pair, not a character)" in r.stderr
+
+
+def test_a_file_with_nothing_usable_is_named_with_the_skip_counts(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    r = run_cli(SMOKE + ["data=jsonl", f"data.path={empty}", f"hydra.run.dir={tmp_path / 'empty'}"], cwd=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"data.path={empty}: no records (the file is empty or blank)" in r.stderr and "vocabulary" not in r.stderr
+    bad = _prefs(tmp_path / "bad.jsonl", n=0, extra=['{"question": "p"}', "{oops", '{"prompt": ""}'])
+    r = run_cli(SMOKE + ["data=jsonl", f"data.path={bad}", "bad_data=skip", f"hydra.run.dir={tmp_path / 'bad'}"],
+                cwd=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"data.path={bad}: no usable record (bad_data=skip skipped 3 bad record(s): " in r.stderr
+    assert "1 x unrecognised record" in r.stderr and "1 x malformed JSON" in r.stderr and "1 x empty prompt in field 'prompt'" in r.stderr

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from ..helpers import CHAT_TEMPLATE, SMOKE, run_cli, save_tiny_model
+from ..helpers import CHAT_TEMPLATE, SMOKE, run_cli, save_tiny_model, save_to_hf_cache
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +115,37 @@ def test_a_sequence_classifier_trained_elsewhere_is_the_reward_model(files, tmp_
     for algorithm in ("ppo", "rloo"):  # PPO's critic: the RM reads another vocabulary, so a value head on SFT
         _, table, _ = _ok(args + [f"algorithm={algorithm}"], tmp_path, f"seq-cls-{algorithm}")
         assert "proxy" in table["policies"]["rl"]
+
+
+def test_a_hub_name_runs_from_the_local_cache_offline(files, tmp_path):
+    """policy.model=org/name, as the README writes it, from a model in $HF_HOME's cache."""
+    save_to_hf_cache(files["gpt2"], str(tmp_path / "hf" / "hub"), "tiny-org/tiny-gpt2")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = FAST + ["data=jsonl", f"data.path={files['pairs_plain']}"]
+    r = run_cli(args + ["policy.model=tiny-org/tiny-gpt2", f"hydra.run.dir={tmp_path / 'hub'}"], cwd=str(tmp_path), env_extra=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "proxy" in json.load(open(tmp_path / "hub" / "eval.json"))["policies"]["rl"]
+    r = run_cli(args + ["policy.model=tiny-org/absent", f"hydra.run.dir={tmp_path / 'absent'}"], cwd=str(tmp_path), env_extra=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert (f"'tiny-org/absent' is neither a local directory nor a model in the Hugging Face cache ({tmp_path / 'hf' / 'hub'})"
+            in r.stderr and "hf download tiny-org/absent" in r.stderr)
+
+
+def test_a_bin_weights_file_holding_code_is_refused_in_one_line(files, tmp_path):
+    import shutil
+
+    import torch
+
+    model = shutil.copytree(files["gpt2"], str(tmp_path / "bin-only"))
+    os.remove(os.path.join(model, "model.safetensors"))
+    torch.save({"weight": _Exploit()}, os.path.join(model, "pytorch_model.bin"))
+    r = run_cli(FAST + ["data=jsonl", f"data.path={files['pairs_plain']}", f"policy.model={model}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "UnpicklingError" not in r.stderr
+    assert f"{model}: its .bin weights hold more than tensors, so rlhfkit will not load them" in r.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))

@@ -186,6 +186,7 @@ BAD = [
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
      "chosen and rejected transcripts do not share a prompt", ""),
     ({"something": "else"}, "unrecognised record", ""),
+    ('{"prompt": "a \\ud800 b", "completion": "x"}', "lone surrogate in a string", "'\\ud800' is half of a UTF-16 pair"),
 ]
 
 
@@ -255,8 +256,9 @@ def test_fuzzed_jsonl_never_crashes_the_loader(tmp_path, lines, mode, fmt):
     d = FileData(FileDataConfig(path=path, on_error=mode, format=fmt, test_fraction=0.2))
     try:
         sft, comps, prompts, test, vocab = _load_all(d)
-    except DataError as exc:
-        assert mode == "error" and str(exc).startswith(path)
+    except DataError as exc:  # skip mode too, once nothing usable is left: naming the file
+        nothing_usable = str(exc).startswith(f"data.path={path}: no ")
+        assert str(exc).startswith(path) and mode == "error" or nothing_usable
         return
     for e in sft:
         assert isinstance(e.prompt, str) and e.prompt.strip() and isinstance(e.response, str) and e.response.strip()
@@ -280,3 +282,77 @@ def test_fuzzed_bytes_in_json_and_parquet_files_are_data_errors(tmp_path, payloa
             _load_all(FileData(FileDataConfig(path=path, on_error="skip")))
         except DataError as exc:
             assert path in str(exc)
+
+
+def _word_level(words):
+    from rlhfkit.plugins.policies.hf import word_level_tokenizer
+
+    return word_level_tokenizer(words)
+
+
+def _pretrained(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ...helpers import CHAT_TEMPLATE, save_tiny_model
+
+    return AutoTokenizer.from_pretrained(save_tiny_model("gpt2", str(tmp_path / "gpt2"), ["a b c <eos>"] * 5, CHAT_TEMPLATE))
+
+
+SPECIAL_ROWS = [  # one record per place a special token can hide, in each tokenizer's spelling
+    ({"prompt": "p {t} q", "chosen": "a", "rejected": "b"}, "special token in field 'prompt'"),
+    ({"prompt": "p", "chosen": "a {t}", "rejected": "b"}, "special token in field 'chosen'"),
+    ({"prompt": "p", "completion": "{t}"}, "special token in field 'completion'"),
+    ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "{t} a"}]}, "special token in field 'messages'"),
+    ({"prompt": "p", "responses": ["a", "b{t}"], "ranking": [1, 2]}, "special token in field 'responses'"),
+]
+
+
+@pytest.mark.parametrize("kind,token,role", [
+    ("word-level", "<eos>", "eos_token"), ("word-level", "<pad>", "pad_token"), ("word-level", "<unk>", "unk_token"),
+    ("pretrained", "<|endoftext|>", "bos_token and eos_token"), ("pretrained", "<|user|>", "special token"),
+])
+def test_a_special_token_in_the_text_is_bad_data_for_either_tokenizer(tmp_path, kind, token, role):
+    """The policy: a literal special token in a record's text would be read as that token
+    (an EOS in mid-response), so the record is an error naming it, or skipped and counted."""
+    tok = _word_level(["a", "b", "p", "q", token]) if kind == "word-level" else _pretrained(tmp_path)
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    for row, reason in SPECIAL_ROWS:
+        bad = json.loads(json.dumps(row).replace("{t}", token))
+        p = _jsonl(tmp_path / "d.jsonl", [good, bad])
+        d = data(p)
+        d.bind_tokenizer(tok)
+        with pytest.raises(DataError) as err:
+            d.sft_examples("train")
+        assert str(err.value).startswith(f"{p}:2: {reason} ('{token}' is the tokenizer's {role}, so it would not be read as text)")
+        d = data(p, on_error="skip")
+        d.bind_tokenizer(tok)
+        assert d.sft_examples("train") == [Example("p", "a", source=f"{p}:1")] and d.skipped == {reason: 1}
+
+
+def test_text_that_only_looks_special_is_kept_and_chat_markers_come_from_the_template(tmp_path):
+    tok = _pretrained(tmp_path)  # "<eos>" is not one of its special tokens: plain text
+    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a <eos> b", "completion": "c"},
+                                      {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}])
+    d = data(p)
+    d.bind_tokenizer(tok)
+    first, chat = d.sft_examples("train")
+    assert first.prompt == "a <eos> b" and tok.eos_token_id not in tok(first.prompt)["input_ids"]
+    assert chat.prompt == "<|user|> q <|assistant|>"  # rendered by the chat template: its markers are meant
+
+
+def test_a_source_with_nothing_usable_names_the_file_and_the_skip_counts(tmp_path):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n\n")):
+        (tmp_path / name).write_text(text)
+        for mode in ("error", "skip"):
+            with pytest.raises(DataError, match=rf"^data.path={tmp_path / name}: no records \(the file is empty or blank\)"):
+                FileData(FileDataConfig(path=str(tmp_path / name), on_error=mode)).vocabulary()
+    p = _jsonl(tmp_path / "bad.jsonl", ["{not json", {"x": 1}, {"prompt": "p", "chosen": ""}, {"prompt": "p", "rejected": "a"}])
+    with pytest.raises(DataError) as err:
+        FileData(FileDataConfig(path=p, on_error="skip", test_fraction=0.3)).sft_examples("train")
+    assert str(err.value).startswith(
+        f"data.path={p}: no usable record (bad_data=skip skipped 4 bad record(s): ") and "1 x malformed JSON" in str(err.value)
+    assert "1 x unrecognised record" in str(err.value) and "1 x missing field 'chosen'" in str(err.value)
+    prompts = _jsonl(tmp_path / "prompts.jsonl", ["{not json"])
+    with pytest.raises(DataError, match=rf"^data.prompts={prompts}: no records \(bad_data=skip skipped 1 bad record\(s\): "
+                                        rf"1 x malformed JSON \(first at {prompts}:1\)\)"):
+        FileData(FileDataConfig(path=p, prompts=prompts, on_error="skip")).prompts("train")

@@ -48,3 +48,19 @@ def test_tiny_model_needs_a_vocabulary():
 
     with pytest.raises(ConfigError, match="vocabulary"):
         HFPolicyLoader(HFPolicyConfig()).build(NoVocab())
+
+
+def test_a_vocabulary_holding_the_special_tokens_has_each_once():
+    """Data words spelled like the special tokens used to enter the vocabulary a second time:
+    ids past the embedding (IndexError) for <eos>, <pad> and <unk> in the text."""
+    class Words:
+        def vocabulary(self):
+            return ["<eos>", "<pad>", "<unk>", "a", "b"]
+
+    policy = HFPolicyLoader(HFPolicyConfig(hidden_size=32, n_head=2)).build(Words())
+    tok = policy.tokenizer
+    assert len(tok) == policy.model.config.vocab_size == 5
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    ids = tok("a <eos> b <pad> <unk>", add_special_tokens=False)["input_ids"]
+    assert ids == [3, 1, 4, 0, 2]
+    policy.model(torch.tensor([ids]))

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.plugins.hf_common import LoraSettings, is_peft, quantization_config
 from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader
 
-from ...helpers import save_tiny_model
+from ...helpers import save_tiny_model, save_to_hf_cache
 
 TEXTS = ["reverse a b c = c b a", "hello there, how are you?", "Human: hi Assistant: hello"] * 20
 
@@ -32,6 +32,39 @@ def test_loads_any_causal_lm_by_path_in_the_dtype_asked_for(model_dir):
         p = HFPolicyLoader(HFPolicyConfig(model=model_dir, dtype=dtype)).build(dataset=None)
         assert next(p.model.parameters()).dtype == torch_dtype
         assert p.tokenizer.pad_token_id is not None
+
+
+def test_a_hub_name_loads_from_the_local_cache_offline(model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # HF_HOME=<tmp_path>
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    save_to_hf_cache(model_dir, str(tmp_path / "hub"), "tiny-org/tiny-lm")
+    p = HFPolicyLoader(HFPolicyConfig(model="tiny-org/tiny-lm")).build(dataset=None)
+    want = HFPolicyLoader(HFPolicyConfig(model=model_dir)).build(dataset=None)
+    torch.testing.assert_close(_logits(p.model), _logits(want.model))
+    assert p.tokenizer("reverse a b =")["input_ids"] == want.tokenizer("reverse a b =")["input_ids"]
+    with pytest.raises(CheckpointError, match=r"'tiny-org/other' is neither a local directory nor a model in the "
+                       r"Hugging Face cache \(.*hub\).*hf download tiny-org/other"):
+        HFPolicyLoader(HFPolicyConfig(model="tiny-org/other")).build(dataset=None)
+    for missing in ("./models/x", str(tmp_path / "x"), "a/b/c"):  # paths, not hub names
+        with pytest.raises(CheckpointError, match="No model directory at"):
+            HFPolicyLoader(HFPolicyConfig(model=missing)).build(dataset=None)
+
+
+def test_a_bin_only_model_holding_code_is_a_checkpoint_error(model_dir, tmp_path):
+    import shutil
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    model = shutil.copytree(model_dir, str(tmp_path / "bin-only"))
+    os.remove(os.path.join(model, "model.safetensors"))
+    torch.save({"weight": Exploit()}, os.path.join(model, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match=r"bin-only: its .bin weights hold more than tensors.*GLOBAL posix.system"):
+        HFPolicyLoader(HFPolicyConfig(model=model)).build(dataset=None)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_trust_remote_code_is_off_unless_asked(model_dir, monkeypatch):
