@@ -580,6 +580,10 @@ class Run:
         self.report_data()
         if not prompts:
             raise ConfigError("The dataset has no usable RL prompts (train split).")
+        if len(prompts) < cfg.prompts_per_step:  # every batch holds exactly prompts_per_step (checked against the ranks)
+            self.warn(f"rl.prompts_per_step={cfg.prompts_per_step}, but the dataset has {len(prompts)} usable RL "
+                      "prompts: each RL batch repeats some of them.")
+            prompts = prompts * math.ceil(cfg.prompts_per_step / len(prompts))
         batches = Batches(len(prompts), cfg.prompts_per_step, self.cfg.seed + 2)
         eval_prompts = self.eval_prompts(tok)
 

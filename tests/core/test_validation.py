@@ -115,6 +115,32 @@ def test_every_numeric_field_rejects_a_bad_value_naming_it(group, name, path, f,
     assert message.startswith(f"{path}={show(OmegaConf.select(cfg, path))}: must be "), message
 
 
+def _choice_cases():
+    registry = setup()[1]
+    out = []
+    for group in registry.groups():
+        for entry in registry.entries(group):
+            for f in dataclasses.fields(entry.schema):
+                allowed = f.metadata.get(ALLOWED)
+                if entry.package == "rlhfkit" and allowed is not None and allowed.choices:
+                    prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else group
+                    out.append((group, entry.name, f"{prefix}.{f.name}", allowed.choices))
+    return out
+
+
+@pytest.mark.parametrize("group,name,path,choices", _choice_cases())
+def test_fields_with_choices_reject_another_value_naming_them(group, name, path, choices):
+    cfg = _composed(group, name).copy()
+    OmegaConf.update(cfg, path, "no_such_choice")
+    with pytest.raises(ConfigError, match=rf"^{path}=no_such_choice: must be one of {', '.join(choices)}$"):
+        validate_run(cfg, setup()[1])
+
+
+def test_choices_cover_the_backends_and_heads():
+    paths = {path for _, _, path, _ in _choice_cases()}
+    assert {"backend.precision", "backend.frozen_models", "reward_head.activation"} <= paths
+
+
 @pytest.mark.parametrize("override,message", [
     ("sft.batch_size=-1", "sft.batch_size=-1: must be >= 1"),
     ("sft.steps=0", "sft.steps=0: must be >= 1"),
