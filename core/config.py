@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RolloutConfig, ScoringConfig
 from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, Registry
 from rlhfkit.rl import minibatch_size
