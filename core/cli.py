@@ -85,11 +85,9 @@ def check_overrides(argv: Sequence[str], registry: Registry) -> None:
     """Fail early, with the available choices and the closest match, on an unknown plugin
     name in a group override (``algorithm=ppo``, ``logger=[console,wandb]``, sweeps too)."""
     from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = get_args_parser().parse_args(list(argv))
-    parser = OverridesParser.create()
-    for override in parser.parse_overrides(args.overrides):
+    for override in parse_overrides(args.overrides):
         group = override.key_or_group
         if group not in registry.groups() or override.is_delete():
             continue
@@ -102,6 +100,69 @@ def check_overrides(argv: Sequence[str], registry: Registry) -> None:
         for v in values:
             if v is not None and str(v) not in options:
                 raise UnknownPluginError(group, str(v), sorted(options))
+
+
+def parse_overrides(overrides: Sequence[str]) -> list:
+    """Hydra's parsed overrides; a malformed one (``'sft.steps=[1'``) is a one-line error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_override(text)
+        except HydraException as exc:
+            raise ConfigError(f"{text}: malformed override ({one_line(exc)}); write key=value, "
+                              "quoting a value with brackets, commas or spaces") from None
+    return parser.parse_overrides(list(overrides))
+
+
+def one_line(exc: BaseException) -> str:
+    """A Hydra or OmegaConf error message, with its causes, on one line and without their
+    object-type details."""
+    noise = ("full_key:", "reference_type", "object_type", "See https://hydra.cc")
+    lines: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None:
+        lines += [x.strip().rstrip(".") for x in str(cause).splitlines()
+                  if x.strip() not in ("", "None") and not x.strip().startswith(noise)]
+        cause = cause.__cause__
+    return ": ".join(dict.fromkeys(lines)) or type(exc).__name__
+
+
+MAX_CHECKED_JOBS = 256  # a larger sweep has its later jobs checked as each one starts
+
+
+def check_config(argv: Sequence[str], registry: Registry) -> None:
+    """Compose the config that each job of this command will run with, and validate every
+    setting (:func:`rlhfkit.config.validate_run`), before Hydra creates a run directory. A
+    sweep (``-m``) is checked job by job over its listed choices; values a sweeper draws
+    itself (Optuna's intervals) are checked as each job starts."""
+    import itertools
+
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlhfkit.config import validate_run
+
+    args = get_args_parser().parse_args(list(argv))
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path or args.config_dir:
+        return  # printing, not running (or a config tree of the user's own: checked when the run starts)
+    choices = []
+    for text, override in zip(args.overrides, parse_overrides(args.overrides)):
+        if not (args.multirun and override.is_sweep_override()):
+            choices.append([text])
+        elif override.is_discrete_sweep():
+            choices.append([f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()])
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        for job in itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS):
+            try:
+                cfg = compose(config_name=args.config_name or "config", overrides=list(job))
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise ConfigError(one_line(exc)) from None
+            validate_run(cfg, registry)
 
 
 def _key(override: str) -> str:
@@ -215,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         argv = resume_argv(argv)
         check_overrides(argv, registry)
+        check_config(argv, registry)
     except RlhfkitError as exc:
         _fail(exc)
     import hydra

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtim
 
 import torch
 
+from rlhfkit.settings import bounded
+
 # --- data ----------------------------------------------------------------------------
 
 
@@ -241,13 +243,13 @@ class Logger(Protocol):
 class RolloutConfig:
     """How responses are sampled. The same temperature is used for the logprobs."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int = bounded(16, ge=1)
     """Longest response; a response that reaches it without EOS is penalised."""
-    temperature: float = 1.0
-    """Sampling temperature; the logprobs are computed at the same temperature."""
-    top_k: int = 0
+    temperature: float = bounded(1.0, gt=0)
+    """Sampling temperature (> 0); the logprobs are computed at the same temperature."""
+    top_k: int = bounded(0, ge=0)
     """Sample from the k most likely tokens (0: off)."""
-    top_p: float = 1.0
+    top_p: float = bounded(1.0, gt=0, le=1)
     """Nucleus sampling mass (1.0: off)."""
 
 
@@ -257,9 +259,9 @@ class ScoringConfig:
     passes are batched. Rows are sorted by length and cut into micro-batches, and each
     micro-batch is trimmed to its own longest row: short responses pay no padding."""
 
-    score_micro_batch_size: int = 0
+    score_micro_batch_size: int = bounded(0, ge=0)
     """Rows per inference micro-batch (0: the whole rollout in one pass)."""
-    train_micro_batch_size: int = 0
+    train_micro_batch_size: int = bounded(0, ge=0)
     """Rows per training micro-batch; gradients accumulate over a minibatch's
     micro-batches before one optimizer step (0: the whole minibatch at once)."""
     recompute_logprobs: Optional[bool] = None
@@ -267,7 +269,7 @@ class ScoringConfig:
     the sampling pass's (costs a forward pass; first PPO ratio exactly 1). null: recompute
     under reduced precision (bf16/fp16 autocast or weights), where the sampler's decode
     kernels round differently from a training pass, and not in fp32 (see docs/precision.md)."""
-    logprob_gap_rows: int = 4
+    logprob_gap_rows: int = bounded(4, ge=0)
     """Rows per rollout whose sampler logprobs are checked against a training-style pass,
     logged as ``rollout/logprob_gap_max`` and ``_mean`` (0: off; every row, at no cost,
     when the logprobs are recomputed anyway)."""

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_text, load_tensors, verify, write_manifest
 from rlhfkit.data import DataIssues, context_length, describe
-from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig
+from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig, validate_run
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.experience import any_alive_fn, check_rl_rollout, policy_logprobs
+from rlhfkit.experience import any_alive_fn, policy_logprobs
 from rlhfkit.interfaces import (
     Backend, Comparison, Dataset, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
@@ -107,21 +107,13 @@ class Run:
 
     def __init__(self, cfg: DictConfig, registry: Registry, plugins: Plugins, run_dir: str):
         self.cfg, self.registry, self.plugins, self.run_dir = cfg, registry, plugins, run_dir
-        unknown = [s for s in cfg.stages if s not in STAGES]
-        if unknown or not cfg.stages:
-            raise ConfigError(f"stages={list(cfg.stages)}: each must be one of {list(STAGES)}.")
+        validate_run(cfg, registry)  # the CLI did this before Hydra made the run directory; API callers get it here
         self.sft_cfg: SFTConfig = OmegaConf.to_object(cfg.sft)
         self.rm_cfg: RMConfig = OmegaConf.to_object(cfg.rm)
         self.rl_cfg: RLConfig = OmegaConf.to_object(cfg.rl)
         self.eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)
         self.ckpt_cfg: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
         self.guard_cfg: GuardConfig = OmegaConf.to_object(cfg.guard)
-        if self.ckpt_cfg.every < 0:
-            raise ConfigError(f"checkpoint.every={self.ckpt_cfg.every}: use 0 (never) or a number of steps.")
-        if self.guard_cfg.max_bad_steps < 1 or not 0 < self.guard_cfg.lr_factor <= 1:
-            raise ConfigError("guard.max_bad_steps must be >= 1 and guard.lr_factor in (0, 1].")
-        if "rl" in cfg.stages:
-            check_rl_rollout(self.rl_cfg.rollout)
         resume = cfg.get("resume", False)
         if isinstance(resume, str) and resume.lower() not in ("true", "false", ""):
             run_dir = resume  # resume=<run dir>: continue that run there
@@ -588,6 +580,10 @@ class Run:
         self.report_data()
         if not prompts:
             raise ConfigError("The dataset has no usable RL prompts (train split).")
+        if len(prompts) < cfg.prompts_per_step:  # every batch holds exactly prompts_per_step (checked against the ranks)
+            self.warn(f"rl.prompts_per_step={cfg.prompts_per_step}, but the dataset has {len(prompts)} usable RL "
+                      "prompts: each RL batch repeats some of them.")
+            prompts = prompts * math.ceil(cfg.prompts_per_step / len(prompts))
         batches = Batches(len(prompts), cfg.prompts_per_step, self.cfg.seed + 2)
         eval_prompts = self.eval_prompts(tok)
 

@@ -72,8 +72,8 @@ class Batches:
     replays the shuffles up to there (index permutations only, no data is touched)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, transform: Callable[[list[int]], Any] | None = None):
-        if n < 1:
-            raise ValueError("Batches needs at least one item.")
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"Batches needs at least one item and a batch size >= 1 (got {n}, {batch_size}).")
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
         self.transform = transform
         self.drawn = 0

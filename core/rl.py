@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.errors import ConfigError
+
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T, V), (B, T) -> (B, T): log pi(token) at ``temperature`` (the same one used to
@@ -44,6 +46,21 @@ def dp_denominator(count: torch.Tensor | float, all_reduce_sum: Callable[[torch.
     if all_reduce_sum is None or world_size == 1:
         return count.clamp(min=1)
     return (all_reduce_sum(count.clone()) / world_size).clamp(min=1e-8)
+
+
+def minibatch_size(prompts: int, world_size: int, num_minibatches: int) -> int:
+    """Prompts per minibatch on each rank: the step's ``prompts`` split evenly over the
+    ranks, each share cut into ``num_minibatches`` equal minibatches. Anything uneven raises,
+    alike on every rank: ranks running different numbers of optimizer steps would hang under
+    data parallelism, and leftover rollouts would be dropped. Runs check this up front
+    (:meth:`rlhfkit.config.RunInfo.check_minibatches`)."""
+    unit = world_size * num_minibatches
+    if prompts % unit:
+        raise ConfigError(
+            f"rl.prompts_per_step={prompts}: must be a multiple of {unit} (world size {world_size} x "
+            f"algorithm.num_minibatches={num_minibatches}), so that every rank runs the same optimizer steps on "
+            f"equal minibatches and no rollout is dropped")
+    return prompts // unit
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

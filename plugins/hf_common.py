@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from rlhfkit.errors import CheckpointError, ConfigError
+from rlhfkit.settings import bounded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,11 +33,11 @@ class LoraSettings:
     """LoRA (Hu et al. 2021) through PEFT. Off by default."""
 
     enabled: bool = False
-    r: int = 16
+    r: int = bounded(16, ge=1)
     """Rank of the update."""
-    alpha: int = 32
+    alpha: int = bounded(32, gt=0)
     """Scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on the adapter's input (RL turns every dropout off)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; all-linear: every linear layer but the output head."""

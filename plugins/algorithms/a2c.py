@@ -11,39 +11,44 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
     kl_controller, dp_denominator, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
-    masked_mean, masked_whiten,
+    masked_mean, masked_whiten, minibatch_size,
 )
 from rlhfkit.sequences import response_logits, response_logprobs
+from rlhfkit.settings import bounded
 
 
 @dataclass
 class A2CConfig:
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0)
     """Policy learning rate (Adam)."""
-    critic_lr: float = 1e-4
+    critic_lr: float = bounded(1e-4, gt=0)
     """Value model learning rate."""
-    kl_coef: float = 0.1
+    kl_coef: float = bounded(0.1, ge=0)
     """Per-token KL penalty to the SFT policy (initial value if adaptive)."""
     adaptive_kl: bool = False
-    target_kl: float = 1.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
+    target_kl: float = bounded(1.0, gt=0)
+    kl_horizon: int = bounded(10000, ge=1)
+    gamma: float = bounded(1.0, ge=0, le=1)
+    lam: float = bounded(0.95, ge=0, le=1)
     """GAE lambda (1.0: Monte Carlo returns minus the baseline)."""
-    vf_coef: float = 0.1
-    num_minibatches: int = 1
+    vf_coef: float = bounded(0.1, ge=0)
+    num_minibatches: int = bounded(1, ge=1)
     """Gradient steps per rollout (each on fresh, disjoint samples: still on-policy)."""
     whiten_advantages: bool = True
     missing_eos_penalty: Optional[float] = -1.0
     """Score for responses without EOS (null: RM score)."""
-    entropy_coef: float = 0.0
-    max_grad_norm: float = 1.0
+    entropy_coef: float = bounded(0.0, ge=0)
+    max_grad_norm: float = bounded(1.0, ge=0)
+
+    def validate(self, run: RunInfo) -> None:
+        run.check_minibatches(self.num_minibatches)
 
 
 def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
@@ -75,6 +80,7 @@ class A2C:
         t0 = time.time()
         backend = ctx.backend
         reduce = backend.all_reduce_sum if backend.world_size > 1 else None
+        mb = minibatch_size(len(prompts), backend.world_size, cfg.num_minibatches)  # rows per minibatch, alike on every rank
         exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)  # this rank's share
         t_rollout = time.time() - t0
         mask = exp.mask
@@ -83,9 +89,8 @@ class A2C:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)
         B = mask.shape[0]
-        mb = max(1, B // cfg.num_minibatches)
         stats = []
-        for start in range(0, B - mb + 1, mb):  # one pass: every sample is used once
+        for start in range(0, B, mb):  # one pass: every sample is used once
             idx = torch.arange(start, start + mb)
             denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)
             parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)

@@ -14,54 +14,59 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import Backend, RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
 from rlhfkit.rl import (
     kl_controller, clipped_policy_loss, dp_denominator, clipped_value_loss, entropy_from_logits, gae,
-    kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten,
+    kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten, minibatch_size,
 )
 from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits, response_logprobs
+from rlhfkit.settings import bounded
 
 
 @dataclass
 class PPOConfig:
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0)
     """Policy learning rate (Adam)."""
-    critic_lr: float = 1e-4
+    critic_lr: float = bounded(1e-4, gt=0)
     """Value model learning rate."""
-    kl_coef: float = 0.1
+    kl_coef: float = bounded(0.1, ge=0)
     """beta in InstructGPT eq. 2: the per-token KL penalty (initial value if adaptive)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
-    target_kl: float = 1.0
+    target_kl: float = bounded(1.0, gt=0)
     """Target KL per response (nats) for the adaptive controller."""
-    kl_horizon: int = 10000
+    kl_horizon: int = bounded(10000, ge=1)
     """Horizon (samples) of the adaptive controller."""
-    gamma: float = 1.0
+    gamma: float = bounded(1.0, ge=0, le=1)
     """Discount."""
-    lam: float = 0.95
+    lam: float = bounded(0.95, ge=0, le=1)
     """GAE lambda."""
-    clip_eps: float = 0.2
+    clip_eps: float = bounded(0.2, gt=0)
     """PPO ratio clipping (PPO eq. 7)."""
-    vf_clip: float = 0.2
+    vf_clip: float = bounded(0.2, gt=0)
     """Value clipping range around the old values."""
-    vf_coef: float = 0.1
+    vf_coef: float = bounded(0.1, ge=0)
     """Weight of the value loss."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = bounded(4, ge=1)
     """Passes over each rollout batch."""
-    num_minibatches: int = 4
+    num_minibatches: int = bounded(4, ge=1)
     """Minibatches per pass."""
     whiten_advantages: bool = True
     missing_eos_penalty: Optional[float] = -1.0
     """Score given to responses that hit max_new_tokens without EOS (null: RM score)."""
-    ptx_coef: float = 0.0
+    ptx_coef: float = bounded(0.0, ge=0)
     """PPO-ptx: weight of the SFT (pretraining-mix) loss added to the policy loss."""
-    ptx_batch_size: int = 32
-    entropy_coef: float = 0.0
+    ptx_batch_size: int = bounded(32, ge=1)
+    entropy_coef: float = bounded(0.0, ge=0)
     """Entropy bonus (0: off, as in InstructGPT)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0)
+
+    def validate(self, run: RunInfo) -> None:
+        run.check_minibatches(self.num_minibatches)
 
 
 def policy_objective(pg_loss: torch.Tensor, ptx_loss: torch.Tensor | None, ptx_coef: float) -> torch.Tensor:
@@ -109,6 +114,7 @@ class PPO:
         t0 = time.time()
         backend = ctx.backend
         reduce = backend.all_reduce_sum if backend.world_size > 1 else None
+        mb = minibatch_size(len(prompts), backend.world_size, cfg.num_minibatches)  # rows per minibatch, alike on every rank
         exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)  # this rank's share
         t_rollout = time.time() - t0
         mask = exp.mask  # (B, R)
@@ -118,11 +124,10 @@ class PPO:
             advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)  # over the global batch
 
         B = mask.shape[0]
-        mb = max(1, B // cfg.num_minibatches)
         self.minibatch_stats = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=self.shuffle)
-            for start in range(0, B - mb + 1, mb):
+            for start in range(0, B, mb):
                 idx = perm[start : start + mb]
                 # losses average over every rank's tokens in this minibatch
                 denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)

@@ -12,30 +12,36 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
 from rlhfkit.experience import collect, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
 from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import dp_denominator, kl_controller, masked_sum
+from rlhfkit.rl import dp_denominator, kl_controller, masked_sum, minibatch_size
 from rlhfkit.sequences import response_logprobs
+from rlhfkit.settings import bounded
 
 
 @dataclass
 class RLOOConfig:
-    rloo_k: int = 4
+    rloo_k: int = bounded(4, ge=2)
     """Responses sampled per prompt (the baseline of each is the mean of the others)."""
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0)
     """Policy learning rate (Adam)."""
-    kl_coef: float = 0.1
+    kl_coef: float = bounded(0.1, ge=0)
     """Sequence-level KL penalty to the SFT policy, folded into each response's reward."""
     adaptive_kl: bool = False
-    target_kl: float = 1.0
-    kl_horizon: int = 10000
-    num_minibatches: int = 1
+    target_kl: float = bounded(1.0, gt=0)
+    kl_horizon: int = bounded(10000, ge=1)
+    num_minibatches: int = bounded(1, ge=1)
     """Gradient steps per rollout, each on disjoint groups (one pass: on-policy)."""
     missing_eos_penalty: Optional[float] = -1.0
     """Score for responses without EOS (null: RM score)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0)
+
+    def validate(self, run: RunInfo) -> None:
+        # groups of k stay on one rank: contiguous sharding of whole prompts
+        run.check_minibatches(self.num_minibatches)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,8 +69,7 @@ class RLOO:
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         cfg, ctx, backend = self.cfg, self.ctx, self.ctx.backend
         k = cfg.rloo_k
-        if len(prompts) % backend.world_size:
-            raise ConfigError("rl.prompts_per_step must be a multiple of the world size for rloo (groups stay on one rank).")
+        per_step = minibatch_size(len(prompts), backend.world_size, cfg.num_minibatches)  # groups per minibatch, alike on every rank
         t0 = time.time()
         # k copies of each prompt, adjacent: contiguous sharding keeps every group on one rank
         exp = collect(ctx, [p for p in prompts for _ in range(k)], missing_eos_penalty=cfg.missing_eos_penalty)
@@ -74,10 +79,9 @@ class RLOO:
         rewards = exp.scores - self.kl.value * kl.sum(-1)  # (B,) sequence-level
         advantages = leave_one_out_advantages(rewards, k)
         groups = mask.shape[0] // k
-        per_step = max(1, groups // cfg.num_minibatches)
         reduce = backend.all_reduce_sum if backend.world_size > 1 else None
         losses = []
-        for g in range(0, groups - per_step + 1, per_step):
+        for g in range(0, groups, per_step):
             idx = torch.arange(g * k, (g + per_step) * k)
             denom = dp_denominator(float(len(idx)), reduce, backend.world_size)
             parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)

@@ -17,13 +17,14 @@ from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.backends import common
 from rlhfkit.plugins.backends.single import autocast_for
+from rlhfkit.settings import one_of
 
 
 @dataclass
 class DDPConfig:
-    dist_backend: str = "auto"
+    dist_backend: str = one_of("auto", "nccl", "gloo")
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
-    precision: str = "fp32"
+    precision: str = one_of("fp32", "bf16")
     """fp32, or bf16 autocast."""
     find_unused_parameters: bool = False
     """Pass to DistributedDataParallel (only for models with branches unused per step)."""

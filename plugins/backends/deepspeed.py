@@ -27,6 +27,7 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.backends import common
+from rlhfkit.settings import one_of
 
 
 def _default_ds_config() -> dict[str, Any]:
@@ -55,9 +56,9 @@ def _default_ds_config() -> dict[str, Any]:
 class DeepSpeedConfig:
     ds_config: dict[str, Any] = field(default_factory=_default_ds_config)
     """The DeepSpeed config ("auto" values are filled from the run)."""
-    frozen_models: str = "replicate"
+    frozen_models: str = one_of("replicate", "shard")
     """replicate, or shard (ZeRO-3 inference engines) the reference and reward models."""
-    dist_backend: str = "auto"
+    dist_backend: str = one_of("auto", "nccl", "gloo")
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
 
 

@@ -11,13 +11,14 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.backends.common import LocalEngine
+from rlhfkit.settings import one_of
 
 
 @dataclass
 class SingleConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
-    precision: str = "fp32"
+    precision: str = one_of("fp32", "bf16")
     """fp32, or bf16 (autocast the forward passes; weights and optimizer stay fp32)."""
 
 

@@ -46,6 +46,7 @@ from rlhfkit.config import BadData
 from rlhfkit.data import DataIssues, special_tokens
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.interfaces import Comparison, Example, Sampler
+from rlhfkit.settings import bounded
 
 FORMATS = ("auto", "prompt_completion", "messages", "pairs", "hh", "ranked", "prompt")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -79,7 +80,7 @@ class FileDataConfig:
     """Prompts for RL (default: ``path``'s prompts)."""
     test_path: Optional[str] = None
     """Held-out records (any format); default: ``test_fraction`` of each source."""
-    test_fraction: float = 0.05
+    test_fraction: float = bounded(0.05, ge=0, lt=1)
     """Share of each source held out for evaluation when there is no ``test_path``."""
     split: str = "train"
     """Split of a Hugging Face dataset given by name (``test_split`` for held-out)."""
@@ -91,9 +92,9 @@ class FileDataConfig:
     on_error: BadData = BadData.error
     """error or skip (the presets use the run's ``bad_data``) a bad record, such as one whose
     text holds a special token of the policy's tokenizer (``<eos>``) literally."""
-    max_records: int = 0
+    max_records: int = bounded(0, ge=0)
     """Read at most this many records per source (0: all)."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed of the train/test hold-out."""
 
 

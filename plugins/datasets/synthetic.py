@@ -22,11 +22,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Comparison, Example, Sampler
+from rlhfkit.settings import Invalid, bounded, check_values
 
 FAMILIES = ("copy", "reverse", "sort", "count")
 MARKER = "!"
@@ -38,22 +38,33 @@ class SyntheticConfig:
     """Task families to mix: any of copy, reverse, sort, count."""
     alphabet: str = "abcdefgh"
     """Symbols the tasks are written in."""
-    min_len: int = 3
-    max_len: int = 6
-    num_demonstrations: int = 4000
+    min_len: int = bounded(3, ge=1, le=9)
+    max_len: int = bounded(6, ge=1, le=9)
+    num_demonstrations: int = bounded(4000, ge=1)
     """Demonstrations for SFT (train split)."""
-    num_rm_prompts: int = 600
+    num_rm_prompts: int = bounded(600, ge=1)
     """Prompts whose SFT samples are ranked for the reward model (train split)."""
-    num_rm_test_prompts: int = 128
-    k_min: int = 4
+    num_rm_test_prompts: int = bounded(128, ge=0)
+    k_min: int = bounded(4, ge=2)
     """Completions ranked per prompt are drawn from k_min..k_max (InstructGPT: 4..9)."""
-    k_max: int = 9
-    num_rl_prompts: int = 4096
-    num_test_prompts: int = 512
+    k_max: int = bounded(9, ge=2)
+    num_rl_prompts: int = bounded(4096, ge=1)
+    num_test_prompts: int = bounded(512, ge=1)
     marker_probs: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2])
     """Probability that a demonstration ends with 0, 1, 2... politeness markers."""
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0)
     """Seed of the generated data (fixed across run seeds by default)."""
+
+    def validate(self, run: Any = None) -> None:
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown or not self.families:
+            raise Invalid("families", self.families, f"unknown {sorted(unknown)}; choose from {list(FAMILIES)}")
+        if self.min_len > self.max_len:
+            raise Invalid("min_len", self.min_len, f"must be <= max_len ({self.max_len})")
+        if self.k_min > self.k_max:
+            raise Invalid("k_min", self.k_min, f"must be <= k_max ({self.k_max})")
+        if any(p < 0 for p in self.marker_probs) or not sum(self.marker_probs) > 0:
+            raise Invalid("marker_probs", self.marker_probs, "must be non-negative with a positive sum")
 
 
 def ideal_response(family: str, args: list[str], target: str | None = None) -> list[str]:
@@ -111,13 +122,7 @@ class SyntheticTasks:
     _split_offset = {"train": 0, "test": 1}
 
     def __init__(self, cfg: SyntheticConfig):
-        unknown = set(cfg.families) - set(FAMILIES)
-        if unknown or not cfg.families:
-            raise ConfigError(f"data.families: unknown {sorted(unknown)}; choose from {list(FAMILIES)}.")
-        if not (1 <= cfg.min_len <= cfg.max_len) or cfg.max_len > 9:
-            raise ConfigError("data.min_len/max_len: need 1 <= min_len <= max_len <= 9.")
-        if not (2 <= cfg.k_min <= cfg.k_max):
-            raise ConfigError("data.k_min/k_max: need 2 <= k_min <= k_max.")
+        check_values(cfg, "data", None)
         self.cfg = cfg
         self.labeller = GoldLabeller()
         self._test_list = list(dict.fromkeys(self._prompts(cfg.num_test_prompts, "test")))

@@ -22,6 +22,7 @@ from rlhfkit.plugins.hf_common import (
     DTYPES, AdapterDisabled, LoraSettings, apply_lora, check_settings, is_peft, load_model, load_tokenizer,
     quantization_config, save_with_tokenizer,
 )
+from rlhfkit.settings import bounded
 
 TINY = ("tiny-gpt2", "tiny-llama")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
@@ -35,13 +36,13 @@ class HFPolicyConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its source."""
-    n_layer: int = 2
+    n_layer: int = bounded(2, ge=1)
     """Tiny models only: transformer blocks."""
-    hidden_size: int = 128
+    hidden_size: int = bounded(128, ge=1)
     """Tiny models only: width."""
-    n_head: int = 4
+    n_head: int = bounded(4, ge=1)
     """Tiny models only: attention heads."""
-    max_positions: int = 64
+    max_positions: int = bounded(64, ge=2)
     """Tiny models only: context length."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA/QLoRA for SFT and RL (``policy.lora.enabled=true``). In RL the reference policy

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.settings import bounded
 
 
 def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,7 @@ def gather_last(token_scores: torch.Tensor, attention_mask: torch.Tensor) -> tor
 
 @dataclass
 class LastTokenConfig:
-    init_std: float = 0.0
+    init_std: float = bounded(0.0, ge=0)
     """Std of the initial weights (0: zeros, so every sequence starts at reward 0)."""
 
 

@@ -9,11 +9,12 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.plugins.reward_heads.last_token import linear_scorer
 from rlhfkit.rl import masked_mean
+from rlhfkit.settings import bounded
 
 
 @dataclass
 class MeanPoolConfig:
-    init_std: float = 0.0
+    init_std: float = bounded(0.0, ge=0)
     """Std of the initial weights (0: zeros, so every sequence starts at reward 0)."""
 
 

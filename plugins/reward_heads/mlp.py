@@ -9,15 +9,16 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.reward_heads.last_token import gather_last
+from rlhfkit.settings import bounded, one_of
 
 ACTIVATIONS = {"gelu": torch.nn.GELU, "tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
 
 @dataclass
 class MLPConfig:
-    width: int = 0
+    width: int = bounded(0, ge=0)
     """Hidden width of the MLP (0: the backbone's hidden size)."""
-    activation: str = "gelu"
+    activation: str = one_of(*ACTIVATIONS)
     """gelu, tanh or relu."""
 
 
