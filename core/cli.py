@@ -241,7 +241,15 @@ def check_output_dir(argv: Sequence[str]) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={value}: cannot write in {existing} (no permission, or a read-only file system). "
                           f"Pick a writable {key}.")
-    return None if interpolated or multirun else path
+    return None if interpolated or multirun or not _runs_a_job(argv) else path
+
+
+def _runs_a_job(argv: Sequence[str]) -> bool:
+    """False for command lines that only print (``--cfg``, ``--help``, ``--info`` ...)."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(list(argv))
+    return not (args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -53,6 +53,9 @@ def test_cli_cfg_job_prints_composed_config(tmp_path):
     r = run_cli(["--cfg", "job", "algorithm=a2c", "algorithm.kl_coef=0.2", "backend.precision=bf16"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "_name_: a2c" in r.stdout and "kl_coef: 0.2" in r.stdout and "precision: bf16" in r.stdout
+    r = run_cli(["--cfg", "job", f"hydra.run.dir={tmp_path}/run"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run").exists()  # printing takes no run directory (nor its lock)
 
 
 def test_cli_plugins_lists_fields_and_defaults(tmp_path):
