@@ -148,7 +148,7 @@ def check_config(argv: Sequence[str], registry: Registry) -> None:
     from rlhfkit.config import validate_run
 
     args = get_args_parser().parse_args(list(argv))
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path or args.config_dir:
+    if not _runs_a_job(argv) or args.config_path or args.config_dir:
         return  # printing, not running (or a config tree of the user's own: checked when the run starts)
     choices = []
     for text, override in zip(args.overrides, parse_overrides(args.overrides)):
@@ -218,7 +218,7 @@ def list_plugins(registry: Registry, plugins: Plugins, out=sys.stdout) -> None:
             print(f"  presets: {', '.join(presets)}", file=out)
 
 
-def _fail(exc: Exception, code: int = 2) -> None:
+def _fail(exc: Exception | str, code: int = 2) -> None:
     print(f"rlhfkit: error: {exc}", file=sys.stderr)
     sys.exit(code)
 
@@ -247,13 +247,20 @@ def _task(cfg) -> float | None:
     from rlhfkit.resume import DivergenceError, Preempted
 
     try:
-        table = Run(cfg, registry, plugins, run_dir)()
+        with _run_lock(run_dir):
+            table = Run(cfg, registry, plugins, run_dir)()
     except Preempted as exc:
-        _fail(exc, 143)  # 128 + SIGTERM: what schedulers expect of a preempted job
+        _fail(exc, exc.exit_code)  # 143 on SIGTERM: what schedulers expect of a preempted job; 130 on Ctrl-C
     except DivergenceError as exc:
         _fail(exc, 3)
     except RlhfkitError as exc:
         _fail(exc, 1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the stages started
+        import os
+
+        resume = (f" Continue from its last checkpoint with: rlhfkit resume={run_dir}"
+                  if os.path.isfile(os.path.join(run_dir, "config.yaml")) else "")
+        _fail(f"interrupted (Ctrl-C): stopped at once, without writing a checkpoint.{resume}", 130)
     try:  # what a Hydra sweeper (Optuna) optimises; plain runs ignore it
         return objective_value(table, cfg.objective)
     except ConfigError as exc:
@@ -262,8 +269,62 @@ def _task(cfg) -> float | None:
         return None
 
 
+def _run_lock(run_dir: str):
+    """The run directory's lock, taken by rank 0 only under torchrun (one lock per run: no
+    rank waits on another)."""
+    import contextlib
+    import os
+
+    from rlhfkit.checkpoint import run_lock
+
+    return run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
+def check_output_dir(argv: Sequence[str]) -> str | None:
+    """Fail before Hydra does (with a traceback) on a ``hydra.run.dir`` (``hydra.sweep.dir``
+    with -m) given on the command line that is a file, lies under one, or is not writable.
+    Returns the run directory when it is a plain path (no ``${...}``), else None."""
+    import os
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in argv if _key(a) == key]
+    if not given:
+        return None
+    value = given[-1]
+    literal, interpolated, _ = value.partition("${")
+    path = os.path.abspath((os.path.dirname(literal) if interpolated else literal) or ".")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}={value}: {existing} is a file, not a directory. Pick another {key}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: cannot write in {existing} (no permission, or a read-only file system). "
+                          f"Pick a writable {key}.")
+    return None if interpolated or multirun or not _runs_a_job(argv) else path
+
+
+def _runs_a_job(argv: Sequence[str]) -> bool:
+    """False for command lines that only print (``--cfg``, ``--help``, ``--info`` ...)."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(list(argv))
+    return not (args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # before the run started (the run catches its own)
+        _fail("interrupted (Ctrl-C).", 130)
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    import contextlib
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    lock = contextlib.ExitStack()
     try:
         plugins, registry = setup()
         if argv[:1] == ["plugins"]:
@@ -277,13 +338,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = resume_argv(argv)
         check_overrides(argv, registry)
         check_config(argv, registry)
+        run_dir = check_output_dir(argv)
+        if run_dir:  # locked before Hydra writes .hydra/ into it (a running run's overrides)
+            lock.enter_context(_run_lock(run_dir))
     except RlhfkitError as exc:
         _fail(exc)
     import hydra
 
     entry = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_task)
     sys.argv = [sys.argv[0] if sys.argv else "rlhfkit", *argv]
-    entry()
+    with lock:
+        entry()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhfkit.checkpoint import CheckpointStore, atomic_directory, atomic_write_text, load_tensors, verify, write_manifest
+from rlhfkit.checkpoint import (
+    CheckpointStore, atomic_directory, atomic_write_text, load_tensors, no_space_message, remove_temporaries, verify,
+    write_manifest,
+)
 from rlhfkit.data import DataIssues, context_length, describe
 from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig, validate_run
 from rlhfkit.errors import CheckpointError, ConfigError
@@ -30,7 +33,7 @@ from rlhfkit.interfaces import (
 from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
-from rlhfkit.resume import Batches, DivergenceError, Guard, Preempted, Preemption, TrackingBackend, rng_state, set_rng_state
+from rlhfkit.resume import Batches, DivergenceError, Guard, Preemption, TrackingBackend, rng_state, set_rng_state
 from rlhfkit.secrets import redact
 from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
 from rlhfkit.sequences import Retokenized, causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, same_vocabulary, tokenize_pair
@@ -155,6 +158,8 @@ class Run:
                     + f". Set from_run=<a run directory with a '{stage}' checkpoint>, or add '{stage}' to stages."
                 )
             self.paths[stage] = src
+        for stage in [s for s in STAGES if s in needed and s not in cfg.stages]:
+            self.check_product(stage, self.paths[stage])
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class Run:
         module = getattr(obj, "model", obj)
         with self.c.backend.gathered(module):
             if self.main:
-                with atomic_directory(path) as tmp:
+                with atomic_directory(path, on_no_space=lambda: self.no_space(stage)) as tmp:
                     obj.save(tmp)
                     write_manifest(tmp, stage=stage, kind="stage")
         self.c.backend.barrier()
@@ -188,6 +193,9 @@ class Run:
         if self.main:
             self.hook.rlhfkit_checkpoint_saved(stage=stage, path=path)
         return path
+
+    def no_space(self, stage: str) -> CheckpointError:
+        return CheckpointError(no_space_message(self.run_dir, self.store.latest(stage, lambda _: None), self.run_dir))
 
     @property
     def device(self) -> torch.device:
@@ -222,7 +230,7 @@ class Run:
         """Run ``step_fn(step)`` (one optimizer step, returning this rank's metrics) for
         steps 1..``total``: resuming from the stage's last good checkpoint, checkpointing
         every ``checkpoint.every`` steps, guarding against divergence, and checkpointing
-        then raising :class:`Preempted` on SIGTERM. ``state`` holds what besides the
+        then raising :class:`Preempted` on SIGTERM or Ctrl-C. ``state`` holds what besides the
         engines and RNGs must be restored (data positions, the algorithm)."""
         gc, every = self.guard_cfg, self.ckpt_cfg.every
         guard = Guard(gc.max_bad_steps, gc.kl_bound if stage == "rl" else None)
@@ -246,8 +254,8 @@ class Run:
             if step < total and ((every and step % every == 0 and not guard.consecutive) or preempted):
                 self.save_training(stage, step, tracked, state, guard)
             if preempted and step < total:
-                raise Preempted(f"SIGTERM: stopped {stage} at step {step}/{total} after writing "
-                                f"{self.store.path(stage, step)}. Continue with: rlhfkit resume={self.run_dir}")
+                raise self.preemption.stopped(f"stopped {stage} at step {step}/{total} after writing "
+                                              f"{self.store.path(stage, step)}. Continue with: rlhfkit resume={self.run_dir}")
 
     def save_training(self, stage: str, step: int, tracked: TrackingBackend, state: dict[str, Any], guard: Guard) -> str:
         rank = self.c.backend.rank
@@ -331,6 +339,18 @@ class Run:
                   f"x{target:g} (rollback {guard.rollbacks} of at most {gc.max_rollbacks}).")
         self.log(stage, back, guard.metrics())
         return back
+
+    @staticmethod
+    def check_product(stage: str, path: str) -> None:
+        """A stage product read from elsewhere (``from_run``, a reward model's path) must
+        match its manifest; one without a manifest (a Hugging Face directory of the user's
+        own) is taken as it is."""
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            return
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"{path} is corrupt or incomplete: {problem}. Train the '{stage}' stage again "
+                                  f"(add it to stages), or take it from a run where it is intact.")
 
     def stage_done(self, stage: str) -> bool:
         """Resuming: ``stage``'s product is on disk and intact."""
@@ -654,6 +674,8 @@ class Run:
 
     def __call__(self) -> dict[str, Any]:
         os.makedirs(self.run_dir, exist_ok=True)
+        if self.main:  # what killed writers of stage products and files left
+            remove_temporaries(self.run_dir)
         loggers = self.c.loggers if self.main else []  # lifecycle hooks run on rank 0 only
         config = redact(OmegaConf.to_container(self.cfg, resolve=True))  # no credentials on disk or in logs
         if self.main:
@@ -686,7 +708,7 @@ class Run:
                     self.say(f"[{stage}] already complete in {self.paths[stage]}: skipping it")
                     continue
                 if self.c.backend.any_rank(self.preemption.requested):
-                    raise Preempted(f"SIGTERM: stopped before the {stage} stage. Continue with: rlhfkit resume={self.run_dir}")
+                    raise self.preemption.stopped(f"stopped before the {stage} stage. Continue with: rlhfkit resume={self.run_dir}")
                 t = time.time()
                 runners[stage]()
                 timings[stage] = time.time() - t

@@ -1,5 +1,5 @@
 """What a stage needs to stop anywhere and continue exactly: RNG states, data positions,
-SIGTERM handling, the engines a stage prepared, and the divergence guard.
+SIGTERM and Ctrl-C handling, the engines a stage prepared, and the divergence guard.
 
 The pipeline checkpoints a stage as ``checkpoints/<stage>/step-<N>/`` (see
 :class:`rlhfkit.checkpoint.CheckpointStore`)::
@@ -12,6 +12,7 @@ The pipeline checkpoints a stage as ``checkpoints/<stage>/step-<N>/`` (see
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -24,7 +25,12 @@ from rlhfkit.errors import RlhfkitError
 
 
 class Preempted(RlhfkitError):
-    """SIGTERM arrived; a checkpoint was written. Exit code 143."""
+    """SIGTERM or a first Ctrl-C arrived; a checkpoint was written. Exit code 128 + the
+    signal's number: 143 (SIGTERM), 130 (SIGINT)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class DivergenceError(RlhfkitError):
@@ -108,26 +114,40 @@ class Batches:
 
 
 class Preemption:
-    """While entered, SIGTERM sets :attr:`requested` instead of killing the process; the
-    training loop checkpoints at the next step boundary and raises :class:`Preempted`.
-    Outside the main thread (no signal handlers there) it does nothing."""
+    """While entered, SIGTERM and a first Ctrl-C (SIGINT) set :attr:`requested` instead of
+    killing the process; the training loop checkpoints at the next step boundary and raises
+    :class:`Preempted` (see :meth:`stopped`). A second Ctrl-C stops at once
+    (``KeyboardInterrupt``). Outside the main thread (no signal handlers there) it does nothing."""
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int = signal.SIGTERM
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.NAMES}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if not self.requested:
+            self.requested, self.signum = True, signum
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":  # torchrun: every rank gets it
+            os.write(2, b"\nrlhfkit: Ctrl-C: finishing this step and writing a checkpoint; "
+                        b"press Ctrl-C again to stop at once (without one).\n")
+
+    def stopped(self, what: str) -> Preempted:
+        """The error to raise once the checkpoint is written: ``<signal>: <what>``."""
+        return Preempted(f"{self.NAMES[self.signum]}: {what}", self.signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 # --- the engines of a stage ---------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Training checkpoints: manifests catch partial and corrupt ones, the store keeps the last
 N, engines skip non-finite steps, and nothing pickled is ever executed on load."""
 
+import errno
 import os
+import shutil
 
 import pytest
 import torch
 
-from rlhfkit.checkpoint import CheckpointStore, verify, write_manifest
-from rlhfkit.errors import CheckpointError
+from rlhfkit import checkpoint
+from rlhfkit.checkpoint import CheckpointStore, atomic_directory, remove_temporaries, run_lock, verify, write_manifest
+from rlhfkit.errors import CheckpointError, RlhfkitError
 from rlhfkit.plugins.backends.common import LocalEngine
 from rlhfkit.resume import Batches, Guard, rng_state, set_rng_state
 
@@ -171,3 +174,115 @@ def test_guard_counts_consecutive_bad_steps_and_kl_excursions():
     assert "kl_bound" in g.check(4, 0, {"rollout/kl": 9.0})[0]
     assert g.check(5, 0, {"rollout/kl": float("nan")}) and g.tripped
     assert g.skipped_total == 1
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+
+def _saves_then_fills_the_disk(tmp_path, monkeypatch, error):
+    store = CheckpointStore(str(tmp_path), keep_last=2)
+    store.save("sft", 10, _write)
+
+    def fills(tmp):
+        _write(tmp)
+        raise error
+
+    if not isinstance(error, OSError):  # torch's writers lose the errno: the file system tells
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))
+    with pytest.raises(CheckpointError) as e:
+        store.save("sft", 20, fills)
+    return store, str(e.value)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 103680 vs 103572"),
+                                   RuntimeError("basic_ios::clear: iostream error")])
+def test_a_full_disk_names_the_place_and_the_last_good_checkpoint(tmp_path, monkeypatch, error):
+    store, message = _saves_then_fills_the_disk(tmp_path, monkeypatch, error)
+    where = os.path.join(str(tmp_path), "checkpoints", "sft")
+    assert message.startswith(f"no space left on device in {where}; the last good checkpoint is {store.path('sft', 10)}")
+    assert f"rlhfkit resume={tmp_path}" in message
+    assert store.steps("sft") == [10] and verify(store.path("sft", 10)) is None  # the older one is intact
+    assert not [n for n in os.listdir(where) if ".tmp-" in n]
+
+
+def test_an_error_with_room_on_the_disk_is_not_called_a_full_disk(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep_last=2)
+
+    def fails(tmp):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        store.save("sft", 10, fails)
+
+
+def test_a_full_disk_while_writing_a_stage_product_is_reported_too(tmp_path):
+    def on_no_space():
+        return CheckpointError("no space")
+
+    def fills(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="no space"):
+        with atomic_directory(str(tmp_path / "sft"), on_no_space=on_no_space) as tmp:
+            fills(tmp)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_on_a_small_tmpfs(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store = CheckpointStore(str(mnt), keep_last=2)
+
+        def write(tmp):  # torch's zip writer: "unexpected pos ..." once the disk is full
+            torch.save({"w": torch.zeros(40_000)}, os.path.join(tmp, "trainer.pt"))
+
+        store.save("rl", 1, write)
+        with pytest.raises(CheckpointError) as e:
+            for step in range(2, 10):
+                store.save("rl", step, write)
+        assert str(e.value).startswith(f"no space left on device in {mnt}/checkpoints/rl; the last good checkpoint is "
+                                       f"{store.path('rl', step - 1)}")
+        assert verify(store.path("rl", step - 1)) is None
+    finally:
+        subprocess.run(["umount", "--lazy", str(mnt)])  # a failed writer may still hold a file open
+
+
+# --- the run directory's lock and what killed writers left ---------------------------------
+
+
+def test_a_second_process_on_a_locked_run_directory_fails_at_once_naming_the_first(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", f"from rlhfkit.checkpoint import run_lock\nimport sys\n"
+                               f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RlhfkitError) as e:
+            with run_lock(str(tmp_path)):
+                pass
+        assert str(e.value).startswith(f"another rlhfkit process (pid {holder.pid}) is using {tmp_path}")
+    finally:
+        holder.communicate("")
+    with run_lock(str(tmp_path)):  # released when the holder ends
+        with run_lock(str(tmp_path)):  # and re-entrant within a process
+            pass
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    for name in [".sft.tmp-abc/model.safetensors", ".rm.tmp-x/config.json", ".rl.old-y/x/a", ".eval.json.tmp-z"]:
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text("partial")
+    for keep in ["sft/model.safetensors", ".hydra/config.yaml", "metrics.jsonl"]:
+        os.makedirs(os.path.dirname(tmp_path / keep), exist_ok=True)
+        (tmp_path / keep).write_text("kept")
+    remove_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".hydra", "metrics.jsonl", "sft"]

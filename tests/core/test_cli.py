@@ -53,6 +53,9 @@ def test_cli_cfg_job_prints_composed_config(tmp_path):
     r = run_cli(["--cfg", "job", "algorithm=a2c", "algorithm.kl_coef=0.2", "backend.precision=bf16"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "_name_: a2c" in r.stdout and "kl_coef: 0.2" in r.stdout and "precision: bf16" in r.stdout
+    r = run_cli(["--cfg", "job", f"hydra.run.dir={tmp_path}/run"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run").exists()  # printing takes no run directory (nor its lock)
 
 
 def test_cli_plugins_lists_fields_and_defaults(tmp_path):
@@ -61,3 +64,34 @@ def test_cli_plugins_lists_fields_and_defaults(tmp_path):
     assert "  ppo  (rlhfkit)" in r.stdout
     assert "algorithm.clip_eps: float = 0.2" in r.stdout
     assert "logger.jsonl.filename: str = 'metrics.jsonl'" in r.stdout
+
+
+def test_cli_run_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "taken").write_text("")
+    for run_dir in [tmp_path / "taken", tmp_path / "taken" / "run"]:
+        r = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
+        assert r.returncode == 2
+        assert r.stderr == (f"rlhfkit: error: hydra.run.dir={run_dir}: {tmp_path / 'taken'} is a file, not a directory. "
+                            "Pick another hydra.run.dir.\n")
+
+
+def test_cli_unwritable_run_dir_is_a_one_line_error(tmp_path):
+    import os
+    import subprocess
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere but on a read-only file system
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(locked)], capture_output=True).returncode:
+            pytest.skip("cannot mount a read-only tmpfs here")
+    else:
+        locked.chmod(0o500)
+    try:
+        r = run_cli(["experiment=smoke", f"hydra.run.dir={locked}/run"], cwd=str(tmp_path))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "--lazy", str(locked)])
+        locked.chmod(0o700)
+    assert r.returncode == 2
+    assert r.stderr == (f"rlhfkit: error: hydra.run.dir={locked}/run: cannot write in {locked} (no permission, or a "
+                        "read-only file system). Pick a writable hydra.run.dir.\n")

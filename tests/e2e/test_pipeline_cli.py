@@ -96,3 +96,26 @@ def test_rloo_from_the_cli(tmp_path):
     run_dir = str(tmp_path / "rloo")
     _ok(run_cli(SMOKE + ["algorithm=rloo", "algorithm.rloo_k=2", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path)))
     assert any(row["stage"] == "rl" and "rloo/advantage_std" in row for row in _metrics(run_dir))
+
+
+def test_from_run_refuses_a_stage_product_that_does_not_match_its_manifest(default_run, tmp_path):
+    import shutil
+
+    from rlhfkit.pipeline import Run
+
+    run_dir, _ = default_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    weights = os.path.join(copy, "sft", "model.safetensors")
+    with open(weights, "r+b") as f:  # a flipped bit in the last weight: it would load silently
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    r = run_cli(SMOKE + ["stages=[rl]", f"from_run={copy}", f"hydra.run.dir={tmp_path}/rl"], cwd=str(tmp_path))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"{copy}/sft is corrupt or incomplete: model.safetensors does not match its SHA-256 checksum" in r.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "rl", "rl"))
+    os.unlink(os.path.join(copy, "sft", "manifest.json"))  # a Hugging Face directory of one's own: taken as it is
+    Run.check_product("sft", os.path.join(copy, "sft"))
