@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.settings import bounded
+from rlhfkit.settings import bounded, check_values, one_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,22 +41,17 @@ class LoraSettings:
     """Dropout on the adapter's input (RL turns every dropout off)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; all-linear: every linear layer but the output head."""
-    quantize: str = "none"
+    quantize: str = one_of("none", "4bit", "8bit")
     """QLoRA: load the frozen base in 4bit (NF4) or 8bit with bitsandbytes (CUDA only)."""
-    save: str = "merged"
+    save: str = one_of("merged", "adapter")
     """merged: save the model with the adapter merged in (an ordinary checkpoint);
     adapter: save the adapter alone (a PEFT directory that names its base)."""
 
     def check(self, owner: str) -> None:
-        if self.save not in ("merged", "adapter"):
-            raise ConfigError(f"{owner}.lora.save={self.save!r}: choose merged or adapter.")
-        if self.quantize not in ("none", "4bit", "8bit"):
-            raise ConfigError(f"{owner}.lora.quantize={self.quantize!r}: choose none, 4bit or 8bit.")
+        check_values(self, f"{owner}.lora", None)  # the declared choices, also through the Python API
         if self.quantize != "none" and not self.enabled:
             raise ConfigError(f"{owner}.lora.quantize={self.quantize} quantizes the frozen base for QLoRA: "
                               f"set {owner}.lora.enabled=true too.")
-        if self.r < 1:
-            raise ConfigError(f"{owner}.lora.r={self.r}: use a rank >= 1.")
 
 
 def check_settings(owner: str, dtype: str, lora: LoraSettings) -> None:

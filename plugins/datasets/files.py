@@ -46,7 +46,7 @@ from rlhfkit.config import BadData
 from rlhfkit.data import DataIssues, special_tokens
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.interfaces import Comparison, Example, Sampler
-from rlhfkit.settings import bounded
+from rlhfkit.settings import bounded, one_of
 
 FORMATS = ("auto", "prompt_completion", "messages", "pairs", "hh", "ranked", "prompt")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -85,7 +85,7 @@ class FileDataConfig:
     split: str = "train"
     """Split of a Hugging Face dataset given by name (``test_split`` for held-out)."""
     test_split: Optional[str] = None
-    format: str = "auto"
+    format: str = one_of(*FORMATS)
     """auto, prompt_completion, messages, pairs, hh, ranked or prompt."""
     fields: FieldNames = field(default_factory=FieldNames)
     """Field-name mapping: ``fields.prompt=question fields.chosen=better``."""

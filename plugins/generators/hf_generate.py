@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from rlhfkit import hookimpl
 from rlhfkit.interfaces import RolloutConfig
 from rlhfkit.sequences import Rollout, _static_cache, decode_responses, encode_prompts, fp32_lm_head
+from rlhfkit.settings import one_of
 
 
 @dataclass
 class HFGenerateConfig:
-    cache_implementation: str = "dynamic"
+    cache_implementation: str = one_of("dynamic", "static")
     """Passed to generate: dynamic or static."""
 
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RolloutConfig
 from rlhfkit.sequences import Rollout, sample
+from rlhfkit.settings import Invalid, check_values, one_of
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "eager")
 
@@ -29,17 +29,18 @@ class KVCacheConfig:
     static_cache: bool = True
     """Preallocate the KV cache and attention mask for prompt + max_new_tokens positions
     (false: a cache that grows every token)."""
-    compile: str = "none"
+    compile: str = one_of(*COMPILE_MODES)
     """torch.compile the decode step: none, default, reduce-overhead (CUDA graphs),
     max-autotune, or eager (trace only: checks that the step compiles, no speed-up)."""
+
+    def validate(self, run: Any = None) -> None:
+        if self.compile != "none" and not self.static_cache:
+            raise Invalid("compile", self.compile, "needs generator.static_cache=true (fixed shapes per decode step)")
 
 
 class KVCacheGenerator:
     def __init__(self, cfg: KVCacheConfig):
-        if cfg.compile not in COMPILE_MODES:
-            raise ConfigError(f"generator.compile={cfg.compile!r}: choose one of {list(COMPILE_MODES)}.")
-        if cfg.compile != "none" and not cfg.static_cache:
-            raise ConfigError("generator.compile needs generator.static_cache=true (fixed shapes per decode step).")
+        check_values(cfg, "generator", None)  # also when built through the Python API
         self.cfg = cfg
         self._compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., Any]]" = weakref.WeakKeyDictionary()
 

@@ -22,7 +22,7 @@ from rlhfkit.plugins.hf_common import (
     DTYPES, AdapterDisabled, LoraSettings, apply_lora, check_settings, is_peft, load_model, load_tokenizer,
     quantization_config, save_with_tokenizer,
 )
-from rlhfkit.settings import bounded
+from rlhfkit.settings import bounded, one_of
 
 TINY = ("tiny-gpt2", "tiny-llama")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
@@ -32,7 +32,7 @@ SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 class HFPolicyConfig:
     model: str = "tiny-gpt2"
     """tiny-gpt2 / tiny-llama (built from config), or a hub name or local path."""
-    dtype: str = "float32"
+    dtype: str = one_of(*DTYPES)
     """Weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its source."""

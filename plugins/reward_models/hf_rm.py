@@ -26,6 +26,7 @@ from rlhfkit.plugins.hf_common import (
 )
 from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
 from rlhfkit.sequences import positions
+from rlhfkit.settings import one_of
 
 HEAD_FILE, META_FILE = "reward_head.safetensors", "reward_model.json"
 
@@ -35,7 +36,7 @@ class HFRewardConfig:
     model: Optional[str] = None
     """Backbone of the reward model (and of PPO's critic): a hub name or path. Default: the
     SFT checkpoint. A model with another tokenizer scores the policy's text re-tokenized."""
-    dtype: str = "float32"
+    dtype: str = one_of(*DTYPES)
     """Backbone dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its source."""

@@ -30,6 +30,7 @@ from rlhfkit.plugins.hf_common import (
 )
 from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
 from rlhfkit.sequences import positions
+from rlhfkit.settings import one_of
 
 META_FILE = "reward_model.json"
 
@@ -39,7 +40,7 @@ class SeqClsConfig:
     path: Optional[str] = None
     """A trained sequence classifier (num_labels=1): hub name or directory. Used directly
     when the run has no ``rm`` stage; the starting point when it has one."""
-    dtype: str = "float32"
+    dtype: str = one_of(*DTYPES)
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its source."""
     lora: LoraSettings = field(default_factory=LoraSettings)

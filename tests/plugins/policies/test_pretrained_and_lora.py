@@ -147,7 +147,7 @@ def test_qlora_config(monkeypatch):
     assert quantization_config(LoraSettings(), torch.float32) is None
     with pytest.raises(ConfigError, match="enabled=true"):
         HFPolicyLoader(HFPolicyConfig(lora=LoraSettings(quantize="4bit")))
-    with pytest.raises(ConfigError, match="merged or adapter"):
+    with pytest.raises(ConfigError, match=r"^policy.lora.save=both: must be one of merged, adapter$"):
         HFPolicyLoader(HFPolicyConfig(lora=LoraSettings(enabled=True, save="both")))
 
 
