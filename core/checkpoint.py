@@ -38,11 +38,17 @@ def atomic_directory(final: str, on_no_space: Callable[[], Exception] | None = N
         else:
             os.replace(tmp, final)
     except BaseException as exc:
-        full = on_no_space is not None and no_space_left(exc, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
+        if discard(tmp, exc) and on_no_space is not None:
             raise on_no_space() from None
         raise
+
+
+def discard(tmp: str, exc: BaseException) -> bool:
+    """Remove the half-written ``tmp`` after ``exc``; return whether the disk filling up
+    caused it (checked before the removal frees the space)."""
+    full = no_space_left(exc, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return full
 
 
 def no_space_left(exc: BaseException, path: str) -> bool:
@@ -269,13 +275,10 @@ class CheckpointStore:
                 os.replace(tmp, final)
                 self.prune(stage)
         except BaseException as exc:
-            if self.is_main:
-                full = no_space_left(exc, tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
-                if full:
-                    from rlhfkit.errors import CheckpointError
+            if self.is_main and discard(tmp, exc):
+                from rlhfkit.errors import CheckpointError
 
-                    raise CheckpointError(no_space_message(parent, self.latest(stage, lambda _: None), self.run_dir)) from None
+                raise CheckpointError(no_space_message(parent, self.latest(stage, lambda _: None), self.run_dir)) from None
             raise
         self.barrier()
         return final

@@ -108,13 +108,14 @@ def parse_overrides(overrides: Sequence[str]) -> list:
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
+    parsed = []
     for text in overrides:
         try:
-            parser.parse_override(text)
+            parsed.append(parser.parse_override(text))
         except HydraException as exc:
             raise ConfigError(f"{text}: malformed override ({one_line(exc)}); write key=value, "
                               "quoting a value with brackets, commas or spaces") from None
-    return parser.parse_overrides(list(overrides))
+    return parsed
 
 
 def one_line(exc: BaseException) -> str:
