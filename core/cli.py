@@ -16,7 +16,7 @@ from typing import Sequence
 
 from rlhfkit.errors import ConfigError, RlhfkitError, UnknownPluginError
 from rlhfkit.plugin_manager import Plugins, load_plugins
-from rlhfkit.registry import MULTI_GROUPS, Registry
+from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP, Registry
 
 CONFIG_MODULE = "rlhfkit.conf"
 
@@ -31,7 +31,7 @@ def setup() -> tuple[Plugins, Registry]:
     extra = [p for paths in plugins.pm.hook.rlhfkit_config_search_path() for p in (paths or [])]
     _register_search_path(extra)
     store_schemas(registry)
-    store_base_config()
+    store_base_config(registry)
     return plugins, registry
 
 
@@ -211,7 +211,7 @@ def list_plugins(registry: Registry, plugins: Plugins, out=sys.stdout) -> None:
         print(f"{group}:", file=out)
         for entry in registry.entries(group):
             print(f"  {entry.name}  ({entry.package})", file=out)
-            prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else group
+            prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else entry.name if group == STAGE_GROUP else group
             for name, typ, default in entry.fields():
                 print(f"      {prefix}.{name}: {typ} = {default!r}", file=out)
         presets = sorted(yaml_options(group) - set(registry.names(group)))
@@ -265,7 +265,7 @@ def _task(cfg) -> float | None:
     try:  # what a Hydra sweeper (Optuna) optimises; plain runs ignore it
         return objective_value(table, cfg.objective)
     except ConfigError as exc:
-        if "rl" in cfg.stages and HydraConfig.get().mode.name == "MULTIRUN":
+        if len(table.get("policies", {})) > 1 and HydraConfig.get().mode.name == "MULTIRUN":
             print(f"rlhfkit: warning: {exc}", file=sys.stderr)
         return None
 

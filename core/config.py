@@ -1,86 +1,22 @@
-"""The run-level config schema. Plugin configs are the plugins' own dataclasses; here are
-only the pipeline's stage settings. Stored in Hydra's ConfigStore as ``rlhfkit_base``.
+"""The run-level config schema. Plugin and stage configs are the plugins' own dataclasses;
+here are only the run's own settings, and :func:`run_schema`, which puts them together. Stored
+in Hydra's ConfigStore as ``rlhfkit_base``.
 :func:`validate_run` checks a composed config, plugins' settings included, before any work."""
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rlhfkit.interfaces import RolloutConfig, ScoringConfig
-from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, Registry
-from rlhfkit.rl import minibatch_size
+from rlhfkit.errors import ConfigError
+from rlhfkit.interfaces import RolloutConfig
+from rlhfkit.registry import GROUPS, MULTI_GROUPS, NAME_KEY, STAGE_GROUP, Registry
 from rlhfkit.settings import Invalid, bounded, check_keys, check_values
-
-
-class RMLoss(str, Enum):
-    kwise = "kwise"
-    """InstructGPT: all C(K,2) pairs of a prompt form one batch element."""
-    pairwise = "pairwise"
-    """One (chosen, rejected) pair per batch element."""
-
-
-@dataclass
-class SFTConfig:
-    steps: int = bounded(500, ge=1)
-    """Optimizer steps."""
-    batch_size: int = bounded(32, ge=1)
-    """Demonstrations per step."""
-    lr: float = bounded(3e-3, gt=0)
-    """Peak learning rate of the cosine schedule."""
-    warmup_steps: int = bounded(25, ge=0)
-    """Linear warmup before the cosine decay."""
-    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
-    """Cosine floor, as a fraction of ``lr``."""
-    weight_decay: float = bounded(0.0, ge=0)
-    max_grad_norm: float = bounded(1.0, ge=0)
-    """Gradient clipping norm (0: no clipping)."""
-    mask_prompt: bool = True
-    """Train on response tokens only (prompt tokens get no loss)."""
-    packing: bool = True
-    """Pack several demonstrations into each row (block-diagonal attention, positions
-    restart per demonstration): no padding, no cross-example attention."""
-    pack_length: int = bounded(256, ge=1)
-    """Tokens per packed row."""
-    log_every: int = bounded(25, ge=1)
-
-
-@dataclass
-class RMConfig:
-    loss: RMLoss = RMLoss.kwise
-    """kwise (InstructGPT) or pairwise."""
-    epochs: int = bounded(2, ge=1)
-    batch_size: int = bounded(16, ge=1)
-    """Prompts (kwise) or pairs (pairwise) per step."""
-    lr: float = bounded(1e-3, gt=0)
-    warmup_steps: int = bounded(10, ge=0)
-    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
-    weight_decay: float = bounded(0.0, ge=0)
-    max_grad_norm: float = bounded(1.0, ge=0)
-    normalize: bool = True
-    """Shift rewards so the SFT demonstrations score mean 0."""
-    log_every: int = bounded(25, ge=1)
-
-
-@dataclass
-class RLConfig:
-    steps: int = bounded(60, ge=1)
-    """RL iterations (each: rollout, scoring, update)."""
-    prompts_per_step: int = bounded(64, ge=1)
-    """Rollout batch size."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    """Micro-batching of the scoring and training passes."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (policy and critic): less memory, ~30%
-    more compute."""
-    eval_every: int = bounded(0, ge=0)
-    """Evaluate on held-out prompts every N iterations (0: only at the end)."""
-    log_every: int = bounded(5, ge=1)
 
 
 @dataclass
@@ -134,24 +70,20 @@ class GuardConfig:
 
 
 @dataclass
-class RunConfig:
-    # plugin groups: filled by the defaults list from the plugins' own schemas
-    policy: Any = None
-    reward_model: Any = None
-    reward_head: Any = None
-    algorithm: Any = None
-    data: Any = None
-    backend: Any = None
-    logger: Any = None
-    generator: Any = None
+class RunSettings:
+    """The run's own settings. The full run schema (:func:`run_schema`) adds a field per
+    component group (filled by the defaults list from the plugins' schemas) and one per
+    registered stage (its config at the top-level key of its name: ``sft.steps=100``)."""
+
     experiment: Any = None
     hparams_search: Any = None
 
     seed: int = bounded(0, ge=0)
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "rl"])
-    """Stages to run, in order. A stage not run takes its checkpoint from ``from_run``."""
+    """Stages to run, in order, by name (group ``stage``). A product a stage needs and no
+    earlier stage makes comes from ``from_run``."""
     from_run: Optional[str] = None
-    """A previous run directory whose stage checkpoints feed the stages not run here."""
+    """A previous run directory whose stage products feed the stages run here."""
     resume: Any = False
     """true: continue the run in ``hydra.run.dir`` (or the newest run under ``outputs/``)
     from its last completed stage and last good checkpoint; or a run directory to continue.
@@ -164,21 +96,31 @@ class RunConfig:
     objective: str = "gold_improvement"
     """What a run returns to a Hydra sweeper (Optuna): a key of the final evaluation table
     (gold_improvement, win_rate), or policy/metric (rl/gold, rl/kl)."""
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How responses are sampled: for RL, the reward model's comparisons and evaluation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, run: RunInfo) -> None:
-        if not self.stages or any(s not in STAGES for s in self.stages):
-            raise Invalid("stages", list(self.stages), f"each must be one of {list(STAGES)}")
-        if "rl" in self.stages:
-            from rlhfkit.experience import check_rl_rollout  # torch-heavy: only when RL runs
-
-            check_rl_rollout(self.rl.rollout)
+        unknown = [s for s in self.stages if s not in run.known_stages]
+        if not self.stages or unknown:
+            raise Invalid("stages", list(self.stages), f"each must be one of {list(run.known_stages)}")
 
 
-STAGES = ("sft", "rm", "rl")
+@functools.lru_cache(maxsize=None)
+def run_schema(registry: Registry) -> type:
+    """The run config's dataclass: :class:`RunSettings`, a field per component group of
+    :data:`rlhfkit.hookspecs.GROUPS`, and a field per registered stage holding its schema."""
+    own = {f.name for f in fields(RunSettings)}
+    extra: list[tuple[str, Any, Any]] = []
+    for group in registry.groups():
+        if group != STAGE_GROUP:
+            extra.append((group, Any, field(default=None)))
+    for entry in registry.entries(STAGE_GROUP):
+        if entry.name in own or entry.name in GROUPS:
+            raise ConfigError(f"Package '{entry.package}' registers a stage named '{entry.name}', which is a run "
+                              "setting of its own: rename the stage.")
+        extra.append((entry.name, entry.schema, field(default_factory=entry.schema)))
+    return make_dataclass("RunConfig", extra, bases=(RunSettings,), namespace={"__module__": __name__})
 
 
 @dataclass(frozen=True)
@@ -188,13 +130,19 @@ class RunInfo:
     stages: tuple[str, ...]
     world_size: int
     """Data-parallel ranks: 1 for a single-process backend, else the launcher's WORLD_SIZE."""
-    rl: RLConfig
+    settings: Any
+    """The whole typed run config (a :func:`run_schema` instance): every stage's settings
+    at ``settings.<stage>``, the sampling settings at ``settings.rollout``."""
+    known_stages: tuple[str, ...] = ()
 
     def check_minibatches(self, num_minibatches: int) -> None:
         """For RL algorithms that cut each step's rollouts into ``num_minibatches``
         optimizer steps: the prompts split evenly over ranks and minibatches."""
-        if "rl" in self.stages:
-            minibatch_size(self.rl.prompts_per_step, self.world_size, num_minibatches)
+        from rlhfkit.rlhf.minibatch import minibatch_size
+
+        rl = getattr(self.settings, "rl", None)
+        if "rl" in self.stages and rl is not None:
+            minibatch_size(rl.prompts_per_step, self.world_size, num_minibatches)
 
 
 def validate_run(cfg: DictConfig, registry: Registry) -> RunInfo:
@@ -203,7 +151,7 @@ def validate_run(cfg: DictConfig, registry: Registry) -> RunInfo:
     then each schema's own ``validate``. The first bad setting raises a one-line
     :class:`ConfigError` that names it."""
     groups = registry.groups()
-    check_keys(cfg, RunConfig, "")
+    check_keys(cfg, run_schema(registry), "")
     plugins: list[tuple[str, str, Any]] = []  # (group, path, node)
     for group in groups:
         node = cfg.get(group)
@@ -222,18 +170,19 @@ def validate_run(cfg: DictConfig, registry: Registry) -> RunInfo:
     with open_dict(base):
         for group in groups:
             base[group] = None
-    run_cfg: RunConfig = OmegaConf.to_object(base)
+    run_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(run_schema(registry)), base))
     backend = next((entry for group, _, entry, _ in typed if group == "backend"), None)
     fixed = getattr(backend.factory, "world_size", None) if backend is not None else 1  # SingleDevice.world_size = 1
     world_size = fixed if isinstance(fixed, int) else int(os.environ.get("WORLD_SIZE", "1"))
-    run = RunInfo(stages=tuple(run_cfg.stages), world_size=world_size, rl=run_cfg.rl)
+    run = RunInfo(stages=tuple(run_cfg.stages), world_size=world_size, settings=run_cfg,
+                  known_stages=tuple(registry.names(STAGE_GROUP)))
     check_values(run_cfg, "", run)
     for _, path, _, config in typed:
         check_values(config, path, run)
     return run
 
 
-def store_base_config() -> None:
+def store_base_config(registry: Registry) -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="rlhfkit_base", node=RunConfig)
+    ConfigStore.instance().store(name="rlhfkit_base", node=run_schema(registry))

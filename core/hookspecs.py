@@ -24,6 +24,7 @@ Two kinds of hooks:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -39,77 +40,70 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 # --- registration hooks: one per component group -------------------------------------
 
 
-@hookspec
-def rlhfkit_register_policies(register: Register) -> None:
-    """Register policy loaders (group ``policy``).
+@dataclass(frozen=True)
+class Group:
+    """A component group: plugins register components into it by name, and a run picks them."""
 
-    The factory returns a :class:`rlhfkit.interfaces.PolicyLoader`: it builds the initial
-    policy for SFT and loads a policy from a stage checkpoint. Called once, all plugins.
-    """
-
-
-@hookspec
-def rlhfkit_register_reward_models(register: Register) -> None:
-    """Register reward-model builders (group ``reward_model``).
-
-    The factory returns a :class:`rlhfkit.interfaces.RewardModelLoader`, which puts a reward
-    head (group ``reward_head``) on a backbone and loads a trained reward model from disk.
-    Called once, all plugins.
-    """
-
-
-@hookspec
-def rlhfkit_register_reward_heads(register: Register) -> None:
-    """Register reward heads (group ``reward_head``).
-
-    The factory returns a callable ``hidden_size -> RewardHead`` (a ``torch.nn.Module``, see
-    :class:`rlhfkit.interfaces.RewardHead`). Called once, all plugins.
-    """
+    name: str
+    """The config key and CLI group (``algorithm=ppo``)."""
+    hook: str
+    """The registration hook (``rlhfkit_register_algorithms``)."""
+    returns: str
+    """What a factory returns: the Protocol in :mod:`rlhfkit.interfaces`."""
+    doc: str
+    """What the group is for (the registration hook's docstring)."""
+    pick: str = "one"
+    """How a run picks: ``one`` (``algorithm=ppo``, config at ``algorithm``); ``many``
+    (``logger=[console,jsonl]``, each config at ``logger.<name>``); ``stages``
+    (``stages=[sft,rm,rl]``, each config at the top-level key ``<name>``)."""
 
 
-@hookspec
-def rlhfkit_register_algorithms(register: Register) -> None:
-    """Register preference optimizers: RL and preference algorithms (group ``algorithm``).
+GROUPS: tuple[Group, ...] = (
+    Group("stage", "rlhfkit_register_stages", "Stage",
+          "Pipeline stages (group ``stage``), picked in order by ``stages=[sft,rm,rl]``. A stage declares the "
+          "products it needs (``sft``, ``rm``) and the data it reads, and writes its own product; its config "
+          "is the top-level key of its name (``sft.steps=100``).", pick="stages"),
+    Group("policy", "rlhfkit_register_policies", "PolicyLoader",
+          "Policy loaders (group ``policy``): they build the initial policy for SFT and load a policy from "
+          "a stage's product."),
+    Group("reward_model", "rlhfkit_register_reward_models", "RewardModelLoader",
+          "Reward-model builders (group ``reward_model``): they put a reward head (group ``reward_head``) on "
+          "a backbone and load a trained reward model from disk."),
+    Group("reward_head", "rlhfkit_register_reward_heads", "HeadBuilder",
+          "Reward heads (group ``reward_head``): a callable ``hidden_size -> RewardHead`` (a ``torch.nn.Module``)."),
+    Group("reward", "rlhfkit_register_rewards", "RewardSource",
+          "Reward sources (group ``reward``): what scores RL rollouts. ``reward=model`` is the pipeline's "
+          "reward model; a rule, a verifier, a sandboxed test runner or an ensemble plug in the same way."),
+    Group("algorithm", "rlhfkit_register_algorithms", "PreferenceOptimizer",
+          "RL algorithms (group ``algorithm``), run by the ``rl`` stage. Critic-free algorithms (RLOO, "
+          "GRPO, REINFORCE) simply never ask the context for a value model."),
+    Group("data", "rlhfkit_register_datasets", "Dataset", "Datasets and task suites (group ``data``)."),
+    Group("backend", "rlhfkit_register_backends", "Backend",
+          "Execution backends (group ``backend``): single device, DDP, DeepSpeed ZeRO."),
+    Group("logger", "rlhfkit_register_loggers", "Logger",
+          "Loggers (group ``logger``; several may be on at once: ``logger=[a,b]``): objects implementing "
+          "some of the lifecycle hooks below, registered with the plugin manager for the run.", pick="many"),
+    Group("generator", "rlhfkit_register_generators", "Generator",
+          "Rollout engines (group ``generator``): what samples responses for RL, evaluation and the reward "
+          "model's comparisons."),
+)
+"""Every component group. The registration hooks below, the run config's fields
+(:func:`rlhfkit.config.run_schema`) and the building of components
+(:class:`rlhfkit.pipeline.Components`) all follow from this table: adding a group is one
+entry here."""
 
-    The factory returns a :class:`rlhfkit.interfaces.PreferenceOptimizer`. Critic-free
-    algorithms (RLOO, GRPO, REINFORCE) simply never ask the context for a value model.
-    Called once, all plugins.
-    """
+
+def _registration_hook(group: Group):
+    def hook(register: Register) -> None: ...
+
+    hook.__name__ = hook.__qualname__ = group.hook
+    hook.__doc__ = (f"Register {group.doc[0].lower()}{group.doc[1:]}\n\n    The factory returns a "
+                    f":class:`rlhfkit.interfaces.{group.returns}`. Called once per process, on every plugin.")
+    return hookspec(hook)
 
 
-@hookspec
-def rlhfkit_register_datasets(register: Register) -> None:
-    """Register datasets and task suites (group ``data``).
-
-    The factory returns a :class:`rlhfkit.interfaces.Dataset`. Called once, all plugins.
-    """
-
-
-@hookspec
-def rlhfkit_register_backends(register: Register) -> None:
-    """Register execution backends (group ``backend``): single device, DDP, DeepSpeed ZeRO.
-
-    The factory returns a :class:`rlhfkit.interfaces.Backend`. Called once, all plugins.
-    """
-
-
-@hookspec
-def rlhfkit_register_loggers(register: Register) -> None:
-    """Register loggers (group ``logger``; several may be on at once: ``logger=[a,b]``).
-
-    The factory returns an object implementing some of the lifecycle hooks below (see
-    :class:`rlhfkit.interfaces.Logger`); the pipeline registers it with the plugin manager
-    for the duration of the run. Called once, all plugins.
-    """
-
-
-@hookspec
-def rlhfkit_register_generators(register: Register) -> None:
-    """Register rollout engines (group ``generator``): what samples responses for RL,
-    evaluation and the reward model's comparisons.
-
-    The factory returns a :class:`rlhfkit.interfaces.Generator`. Called once, all plugins.
-    """
+for _group in GROUPS:
+    globals()[_group.hook] = _registration_hook(_group)
 
 
 @hookspec

@@ -1,18 +1,39 @@
 """What each kind of component must implement: typed Protocols.
 
 Plugins return these from the factories they register (see :mod:`rlhfkit.hookspecs`). The
-pipeline only ever talks to components through these Protocols.
+pipeline and the stages only ever talk to components through these Protocols.
+
+A Protocol's ``OPTIONAL`` members may be left out: the Protocol's own definition of each is
+its default behaviour, and :func:`optional` reads a member through it. A plugin class may
+also subclass the Protocol to inherit those defaults.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from rlhfkit.settings import bounded
+
+if TYPE_CHECKING:
+    from rlhfkit.context import StageContext
+    from rlhfkit.rlhf.sampling import Rollout
+
+
+def optional(component: Any, protocol: type, name: str) -> Any:
+    """``component``'s optional member ``name``, as declared in ``protocol.OPTIONAL``; the
+    protocol's default (a method bound to ``component``, or a value) when it has none."""
+    if name not in protocol.OPTIONAL:
+        raise AttributeError(f"{name!r} is not an optional member of {protocol.__name__}: declare it in OPTIONAL.")
+    try:
+        return getattr(component, name)
+    except AttributeError:
+        default = protocol.__dict__[name]
+        return default.__get__(component) if callable(default) else default
 
 # --- data ----------------------------------------------------------------------------
 
@@ -40,6 +61,9 @@ class Comparison:
     source: str = field(default="", compare=False)
     """Where the record came from (``file:line``), for error messages."""
 
+
+DATA_PARTS = ("demonstrations", "comparisons", "prompts")
+"""What a dataset may hold: SFT demonstrations, ranked comparisons, RL/evaluation prompts."""
 
 # sample(prompts, n) -> for each prompt, n completions of the current (SFT) policy
 Sampler = Callable[[Sequence[str], int], list[list[str]]]
@@ -69,12 +93,21 @@ class Dataset(Protocol):
         them and ignores ``sample``."""
 
     def prompts(self, split: str) -> list[str]:
-        """Prompts for RL (``train``) and evaluation (``test``).
+        """Prompts for RL (``train``) and evaluation (``test``)."""
 
-        Optional members: ``bind_tokenizer(tokenizer)``, called with the policy's tokenizer
-        before each stage reads data (to render chat templates); ``skipped``, a dict of
-        bad records skipped by reason (``bad_data=skip``); ``sources``, a dict from prompt
-        to where it came from."""
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"bind_tokenizer", "skipped", "sources", "provides"})
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Called with the policy's tokenizer before a stage reads data (to render chat
+        templates). Default: nothing."""
+
+    skipped: Mapping[str, int] = MappingProxyType({})
+    """Bad records skipped so far, by reason (``bad_data=skip``). Default: none."""
+    sources: Mapping[str, str] = MappingProxyType({})
+    """prompt -> where it came from (``file:line``), for messages. Default: none."""
+    provides: frozenset[str] = frozenset(DATA_PARTS)
+    """Which of :data:`DATA_PARTS` this dataset has, so that a stage list needing what it
+    lacks (``stages=[sft,dpo]`` without comparisons) fails before any work. Default: all."""
 
 
 # --- models ----------------------------------------------------------------------------
@@ -99,6 +132,18 @@ class PolicyLoader(Protocol):
 
     def load(self, path: str) -> Policy:
         """A policy saved by a previous stage."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"adapt", "shared_reference"})
+
+    def adapt(self, policy: Policy) -> Policy:
+        """Make a loaded policy trainable the configured way (a fresh LoRA adapter).
+        Default: the policy as it is."""
+        return policy
+
+    def shared_reference(self, policy: Policy) -> Policy | None:
+        """The frozen reference as a view of ``policy`` (under LoRA: the adapter disabled),
+        or None for a separate copy loaded from the SFT product. Default: None."""
+        return None
 
 
 @runtime_checkable
@@ -135,6 +180,14 @@ class RewardModel(Protocol):
 
     def save(self, path: str) -> None: ...
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tokenizer", "backbone"})
+    tokenizer: Any = None
+    """The reward model's own tokenizer, when it reads text another way than the policy
+    (it is then fed re-tokenized text). Default: None (the policy's)."""
+    backbone: torch.nn.Module | None = None
+    """The transformer under the head (for its context length and gradient checkpointing).
+    Default: None (the reward model itself)."""
+
 
 @runtime_checkable
 class RewardModelLoader(Protocol):
@@ -143,6 +196,19 @@ class RewardModelLoader(Protocol):
 
     def load(self, path: str, head: HeadBuilder) -> RewardModel:
         """A reward model saved by :meth:`RewardModel.save`."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"adapt", "base_model", "pretrained_path"})
+
+    def adapt(self, rm: RewardModel) -> RewardModel:
+        """Make a loaded reward model trainable the configured way (a LoRA adapter; PPO's
+        critic). Default: as it is."""
+        return rm
+
+    base_model: str | None = None
+    """What the RM stage builds on instead of the SFT product. Default: None (the SFT one)."""
+    pretrained_path: str | None = None
+    """A trained reward model that stands for the ``rm`` product when no stage of the run
+    makes one. Default: None."""
 
 
 # --- execution -----------------------------------------------------------------------
@@ -292,45 +358,110 @@ class Generator(Protocol):
 
 
 @dataclass
+class StepResult:
+    """What one optimizer step (or RL iteration) reports to the training loop."""
+
+    metrics: dict[str, float]
+    """This rank's metrics under stable names (``loss/policy``); the loop averages them over ranks."""
+    kl: float | None = None
+    """The KL to the reference, nats per response, the same on every rank: the divergence
+    guard's ``guard.kl_bound`` checks it. None: the step has no KL."""
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """What scores RL rollouts (group ``reward``): the trained reward model
+    (``reward=model``), a programmatic function, a verifier, an ensemble, a remote scorer."""
+
+    needs: tuple[str, ...]
+    """Stage products it reads (``("rm",)``): the stage list must make them or take them
+    from ``from_run``, which the run checks before any work."""
+
+    def setup(self, ctx: StageContext, tokenizer: Any) -> None:
+        """Called once by the stage that uses it, before scoring, with the policy's
+        tokenizer (the rollouts' token ids are in its vocabulary)."""
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) float rewards for the rollout's rows (on the rollout's device). The rows
+        hold token ids (``input_ids``, ``attention_mask``) and their text (``prompts``,
+        ``responses``)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"critic_init"})
+    critic_init: str | None = None
+    """A reward model (a directory) whose weights a value model may start from, as
+    InstructGPT's does; None: a fresh value head on the SFT policy. Default: None."""
+
+
+@dataclass
 class RLContext:
-    """Everything an RL or preference algorithm gets from the pipeline."""
+    """Everything an RL algorithm gets from the ``rl`` stage."""
 
     policy: Policy
     """The policy being trained (initialised from SFT)."""
     reference: Policy
     """The frozen SFT policy, for the KL penalty."""
-    reward_model: RewardModel | None
-    """The frozen, normalised reward model (None for reward-free preference methods)."""
+    reward: RewardSource
+    """Scores rollouts (``reward=model``: the frozen, normalised reward model)."""
     backend: Backend
     rollout: RolloutConfig
-    total_steps: int
-    """RL iterations the pipeline will run: schedules may depend on it."""
     make_critic: Callable[[], RewardModel]
-    """A trainable copy of the reward model (InstructGPT initialises the value model from
-    the RM). Critic-free algorithms never call it."""
-    sft_batches: Iterator[list[Example]] | None = None
-    """Endless demonstration batches, for a pretraining/SFT mix (PPO-ptx)."""
+    """A trainable value model: a copy of the reward model where there is one that reads
+    the policy's tokens (InstructGPT initialises the value model from the RM), else a fresh
+    value head on the SFT policy. Critic-free algorithms never call it."""
+    demonstrations: Callable[[], list[Example]]
+    """The SFT demonstrations that fit the policy's context whole (PPO-ptx mixes them in)."""
+    seed: int = 0
+    """The run's seed, for an algorithm's own data streams."""
     generate: Generator | None = None
     """The rollout engine (``generator=...``); None: the built-in KV-cache sampler."""
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig())
     """Micro-batching of the scoring and training passes."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
 class PreferenceOptimizer(Protocol):
-    """An RL or preference algorithm. The pipeline calls ``setup`` once, then ``step``
-    once per iteration with a batch of prompts."""
+    """An RL algorithm (group ``algorithm``). The ``rl`` stage calls ``setup`` once, then
+    ``step`` once per iteration with a batch of prompts."""
 
     def setup(self, ctx: RLContext) -> None: ...
 
-    def step(self, prompts: Sequence[str]) -> dict[str, float]:
-        """One iteration (for PPO: rollout, scoring, update epochs); returns metrics."""
+    def step(self, prompts: Sequence[str]) -> StepResult:
+        """One iteration (for PPO: rollout, scoring, update epochs): its metrics, and the
+        rollout's KL for the divergence guard."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The algorithm's own resumable state (KL controller, its private RNGs): tensors,
-        numbers, strings and containers of them. The engines it prepared through
-        ``ctx.backend.prepare`` (weights, optimizers, schedulers) are checkpointed by the
-        pipeline, as are the global RNGs."""
+        """The algorithm's own resumable state (KL controller, data positions, private
+        RNGs): tensors, numbers, strings and containers of them. The engines it prepared
+        through ``ctx.backend.prepare`` (weights, optimizers, schedulers) are checkpointed
+        by the training loop, as are the global RNGs."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# --- stages ------------------------------------------------------------------------------
+
+
+PRODUCTS = ("policy", "reward_model")
+"""What a stage may write to ``<run_dir>/<its name>/``."""
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A step of the pipeline (group ``stage``), picked by name in ``stages=[...]``. It
+    reads the products of earlier stages (or of ``from_run``), trains through the shared
+    loop (:meth:`StageContext.train`), and writes its own product (:meth:`StageContext.save`)."""
+
+    needs: tuple[str, ...]
+    """Products of other stages it reads, by stage name (``("sft",)``)."""
+    data: tuple[str, ...]
+    """Parts of the dataset it reads (of :data:`DATA_PARTS`)."""
+    produces: str
+    """What it writes to ``<run_dir>/<name>/`` (one of :data:`PRODUCTS`). Every policy a
+    run trains is evaluated against the SFT policy at the end."""
+    uses_reward: bool
+    """Whether it scores with the run's reward source (group ``reward``); the source's
+    own ``needs`` then count as the stage's."""
+
+    def run(self, ctx: StageContext) -> None:
+        """Train, and save the product. Called once per run (not at all when resuming a
+        run whose product of this stage is complete)."""

@@ -12,22 +12,16 @@ from typing import Any, Callable, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from rlhfkit.errors import ConfigError, DuplicatePluginError, UnknownPluginError
+from rlhfkit.hookspecs import GROUPS as GROUP_TABLE, Group
 from rlhfkit.plugin_manager import Plugins
 
-# group -> registration hook. One group per component kind.
-GROUPS: dict[str, str] = {
-    "policy": "rlhfkit_register_policies",
-    "reward_model": "rlhfkit_register_reward_models",
-    "reward_head": "rlhfkit_register_reward_heads",
-    "algorithm": "rlhfkit_register_algorithms",
-    "data": "rlhfkit_register_datasets",
-    "backend": "rlhfkit_register_backends",
-    "logger": "rlhfkit_register_loggers",
-    "generator": "rlhfkit_register_generators",
-}
+GROUPS: dict[str, Group] = {g.name: g for g in GROUP_TABLE}
+"""group name -> its entry in :data:`rlhfkit.hookspecs.GROUPS`."""
 # Groups where several choices may be on at once (``logger=[console,jsonl]``); each
 # choice's config lives at ``<group>.<name>``.
-MULTI_GROUPS = frozenset({"logger"})
+MULTI_GROUPS = frozenset(g.name for g in GROUP_TABLE if g.pick == "many")
+STAGE_GROUP = next(g.name for g in GROUP_TABLE if g.pick == "stages")
+"""The group whose choices are ``stages=[...]``, each configured at its own top-level key."""
 
 NAME_KEY = "_name_"  # every stored schema carries the plugin name it builds
 
@@ -86,8 +80,8 @@ class Registry:
     @classmethod
     def from_plugins(cls, plugins: Plugins) -> Registry:
         entries: dict[str, dict[str, Entry]] = {g: {} for g in GROUPS}
-        for group, hook_name in GROUPS.items():
-            hook = getattr(plugins.pm.hook, hook_name)
+        for group, spec in GROUPS.items():
+            hook = getattr(plugins.pm.hook, spec.hook)
             # Call each implementation ourselves so every registration knows its package.
             for impl in reversed(hook.get_hookimpls()):
                 package = plugins.packages.get(impl.plugin_name, f"<plugin {impl.plugin_name!r}>")
@@ -117,6 +111,8 @@ class Registry:
 
         cs = ConfigStore.instance()
         for group, entries in self._entries.items():
+            if group == STAGE_GROUP:  # a stage's config is a field of the run schema (rlhfkit.config.run_schema)
+                continue
             for name, entry in entries.items():
                 cs.store(group=f"schema/{group}", name=name, node=entry.stored_schema, provider=entry.package)
                 if not has_yaml(group, name):

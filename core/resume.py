@@ -1,7 +1,7 @@
 """What a stage needs to stop anywhere and continue exactly: RNG states, data positions,
 SIGTERM and Ctrl-C handling, the engines a stage prepared, and the divergence guard.
 
-The pipeline checkpoints a stage as ``checkpoints/<stage>/step-<N>/`` (see
+The training loop (:mod:`rlhfkit.loop`) checkpoints a stage as ``checkpoints/<stage>/step-<N>/`` (see
 :class:`rlhfkit.checkpoint.CheckpointStore`)::
 
     engine-0/ engine-1/ ...   each engine's save_state (weights, optimizer, scheduler)
@@ -67,6 +67,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (each stage starts from its own seed)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
 
 
 # --- data position -----------------------------------------------------------------------
@@ -155,7 +167,7 @@ class Preemption:
 
 class TrackingBackend:
     """The run's backend, recording every engine prepared through it (in order), so that
-    the pipeline can checkpoint, guard and roll back the engines an algorithm made."""
+    the training loop can checkpoint, guard and roll back the engines an algorithm made."""
 
     def __init__(self, backend: Any):
         self._backend = backend
@@ -179,8 +191,8 @@ class TrackingBackend:
 @dataclass
 class Guard:
     """Counts consecutive bad steps of one stage. A bad step: an engine skipped its update
-    (non-finite loss or gradient, decided alike on every rank), or the RL rollout KL is
-    past ``kl_bound``."""
+    (non-finite loss or gradient, decided alike on every rank), or the step's KL to the
+    reference (RL) is past ``kl_bound``."""
 
     max_bad_steps: int
     kl_bound: float | None = None
@@ -190,12 +202,13 @@ class Guard:
     lr_scale: float = 1.0
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def check(self, step: int, skipped: int, metrics: dict[str, float]) -> list[str]:
-        """Record ``step``; return why it was bad (empty if it was good)."""
+    def check(self, step: int, skipped: int, kl: float | None = None) -> list[str]:
+        """Record ``step``, whose engines skipped ``skipped`` updates and whose KL to the
+        reference (the same on every rank; None: it has none) was ``kl``; return why it was
+        bad (empty if it was good)."""
         reasons = []
         if skipped:
             reasons.append(f"{skipped} update(s) skipped: non-finite loss or gradient")
-        kl = metrics.get("rollout/kl")  # the same on every rank: RL metrics are averaged
         if self.kl_bound is not None and kl is not None and not (kl <= self.kl_bound):
             reasons.append(f"rollout KL {kl:.3g} past guard.kl_bound={self.kl_bound:g}")
         self.skipped_total += skipped

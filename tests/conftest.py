@@ -64,12 +64,23 @@ def rl_ctx(policy_loader, policy_dir, backend, synthetic):
         c.requires_grad_(True)
         return c
 
-    def batches():
-        demos = synthetic.sft_examples("train")
-        while True:
-            yield demos[:8]
-
     return RLContext(
-        policy=policy, reference=reference, reward_model=rm, backend=backend,
-        rollout=RolloutConfig(max_new_tokens=8), total_steps=2, make_critic=make_critic, sft_batches=batches(),
+        policy=policy, reference=reference, reward=RewardOf(rm), backend=backend, rollout=RolloutConfig(max_new_tokens=8),
+        make_critic=make_critic, demonstrations=lambda: synthetic.sft_examples("train")[:8],
     )
+
+
+class RewardOf:
+    """A reward source scoring with a reward-model module (what ``reward=model`` does
+    after loading the ``rm`` product)."""
+
+    needs = ()
+
+    def __init__(self, rm):
+        self.rm, self.critic_init = rm, None
+
+    def setup(self, ctx, tokenizer):
+        pass
+
+    def __call__(self, rollout):
+        return self.rm(rollout.input_ids, rollout.attention_mask)

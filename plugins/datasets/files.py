@@ -126,6 +126,17 @@ class FileData:
     def skipped(self) -> dict[str, int]:
         return self.issues.skipped
 
+    @property
+    def provides(self) -> frozenset[str]:
+        """What the configured sources can hold: a format of prompts (with completions)
+        has no comparisons, and one of bare prompts no demonstrations either."""
+        cfg, parts = self.cfg, {"prompts"}
+        if cfg.sft or cfg.format != "prompt":
+            parts.add("demonstrations")
+        if cfg.comparisons or cfg.format not in ("prompt", "prompt_completion", "messages"):
+            parts.add("comparisons")
+        return frozenset(parts)
+
     def vocabulary(self) -> list[str]:
         """Every whitespace-separated word in the data: what a tiny model built from
         config (``policy.model=tiny-gpt2``) tokenizes with. Pretrained models use their own."""

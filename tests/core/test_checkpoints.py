@@ -168,11 +168,11 @@ def test_engine_state_round_trips_weights_optimizer_and_skip_count(tmp_path):
 
 def test_guard_counts_consecutive_bad_steps_and_kl_excursions():
     g = Guard(max_bad_steps=2, kl_bound=5.0)
-    assert g.check(1, 0, {"rollout/kl": 1.0}) == []
-    assert g.check(2, 1, {}) and not g.tripped
-    assert g.check(3, 0, {"rollout/kl": 1.0}) == [] and g.consecutive == 0  # a good step resets
-    assert "kl_bound" in g.check(4, 0, {"rollout/kl": 9.0})[0]
-    assert g.check(5, 0, {"rollout/kl": float("nan")}) and g.tripped
+    assert g.check(1, 0, 1.0) == []
+    assert g.check(2, 1) and not g.tripped
+    assert g.check(3, 0, 1.0) == [] and g.consecutive == 0  # a good step resets
+    assert "kl_bound" in g.check(4, 0, 9.0)[0]
+    assert g.check(5, 0, float("nan")) and g.tripped
     assert g.skipped_total == 1
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from rlhfkit.cli import setup, yaml_options
 from rlhfkit.pipeline import Components
-from rlhfkit.registry import MULTI_GROUPS
+from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP
 
 from ..helpers import SMOKE, compose
 
@@ -13,6 +13,8 @@ def _options():
     registry = setup()[1]
     out = []
     for group in registry.groups():
+        if group == STAGE_GROUP:  # stages are picked by stages=[...]: see test_stages_compose
+            continue
         for name in sorted(set(registry.names(group)) | yaml_options(group)):
             out.append((group, name))
     return out
@@ -44,15 +46,29 @@ def test_option_composes_and_builds(group, name, clean_dist_env):
     # a plugin builds itself; a YAML preset (zero3) builds the plugin whose schema it extends
     assert (entry.name == name if name in registry.names(group) else name in yaml_options(group))
     assert isinstance(typed, entry.schema)
-    components = Components.build(cfg, registry)
-    assert components.backend.device.type == "cpu" and components.backend.world_size == 1
+    components = Components(cfg, registry)
+    built = components[group]
+    assert (built if group in MULTI_GROUPS else [built]) and components["backend"].device.type == "cpu"
+    assert components["backend"].world_size == 1
 
 
 @pytest.mark.parametrize("experiment", sorted(yaml_options("experiment")))
 def test_experiments_compose(experiment):
     cfg = compose([f"experiment={experiment}"])
     assert cfg.rl.steps > 0
-    Components.build(cfg, setup()[1])
+    components = Components(cfg, setup()[1])
+    for group in ("backend", "data", "policy", "reward_model", "reward_head", "reward", "algorithm", "generator"):
+        components[group]
+
+
+def test_stages_compose():
+    """Each registered stage's config sits at its own key, typed by its schema."""
+    registry = setup()[1]
+    cfg = compose(SMOKE + ["stages=[sft,rm,rl]", "rl.eval_every=2"])
+    for name in registry.names(STAGE_GROUP):
+        entry = registry.get(STAGE_GROUP, name)
+        stage = entry.factory(entry.schema(**{k: v for k, v in cfg[name].items()}))
+        assert stage.produces in ("policy", "reward_model")
 
 
 def test_pairwise_loss_and_llama_override():

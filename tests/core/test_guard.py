@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rlhfkit.pipeline as pipeline
+import rlhfkit.plugins.stages.sft as sft_stage
 from rlhfkit.cli import setup
 from rlhfkit.resume import DivergenceError
 
@@ -20,14 +21,14 @@ BASE = SMOKE + ["stages=[sft]", "sft.steps=12", "sft.log_every=1", "checkpoint.e
 def nan_at(monkeypatch):
     """nan_at({5, 6}) makes the SFT loss NaN on those calls (1-based), whatever the step."""
     def install(calls):
-        real, count = pipeline.causal_lm_loss, [0]
+        real, count = sft_stage.causal_lm_loss, [0]
 
         def loss(*args, **kwargs):
             count[0] += 1
             out = real(*args, **kwargs)
             return out * float("nan") if count[0] in calls else out
 
-        monkeypatch.setattr(pipeline, "causal_lm_loss", loss)
+        monkeypatch.setattr(sft_stage, "causal_lm_loss", loss)
     return install
 
 

@@ -58,6 +58,14 @@ class InlinePlugin:
     def rlhfkit_register_generators(self, register):
         register("toy_generator", Toy, ToyConfig)
 
+    @hookimpl
+    def rlhfkit_register_stages(self, register):
+        register("toy_stage", Toy, ToyConfig)
+
+    @hookimpl
+    def rlhfkit_register_rewards(self, register):
+        register("toy_reward", Toy, ToyConfig)
+
 
 @pytest.fixture
 def plugins():
@@ -70,12 +78,13 @@ def plugins():
 
 @pytest.mark.parametrize(
     "group,hook",
-    sorted(GROUPS.items()),
+    sorted((name, group.hook) for name, group in GROUPS.items()),
 )
 def test_registration_hook(plugins, group, hook):
     # rlhfkit_register_policies, rlhfkit_register_reward_models, rlhfkit_register_reward_heads,
     # rlhfkit_register_algorithms, rlhfkit_register_datasets, rlhfkit_register_backends,
-    # rlhfkit_register_loggers, rlhfkit_register_generators
+    # rlhfkit_register_loggers, rlhfkit_register_generators, rlhfkit_register_stages,
+    # rlhfkit_register_rewards
     registry = Registry.from_plugins(plugins)
     name = f"toy_{group}"
     assert name in registry.names(group)
@@ -91,6 +100,25 @@ def test_builtins_register_through_entry_points():
     assert {"ppo", "a2c"} <= set(registry.names("algorithm"))
     assert {"last_token", "mean_pool", "mlp"} <= set(registry.names("reward_head"))
     assert registry.get("algorithm", "ppo").package == "rlhfkit"
+    assert registry.names("stage") == ["rl", "rm", "sft"] and registry.names("reward") == ["model"]
+
+
+def test_one_table_makes_the_hooks_and_the_run_config_fields():
+    """Adding a group is one entry in hookspecs.GROUPS: its hook is a hookspec and its
+    config key a field of the run schema."""
+    import dataclasses
+
+    from rlhfkit import hookspecs
+    from rlhfkit.config import run_schema
+    from rlhfkit.plugin_manager import new_plugin_manager
+
+    registry = Registry.from_plugins(load_plugins())
+    fields = {f.name for f in dataclasses.fields(run_schema(registry))}
+    pm = new_plugin_manager()
+    for group in hookspecs.GROUPS:
+        assert hasattr(pm.hook, group.hook) and group.returns in getattr(hookspecs, group.hook).__doc__
+        assert (group.name in fields) == (group.pick != "stages")
+    assert {"sft", "rm", "rl"} <= fields  # each registered stage's config at its own key
 
 
 def test_unknown_name_lists_choices_and_closest_match():

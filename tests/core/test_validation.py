@@ -97,7 +97,7 @@ def test_the_walk_covers_every_kind_of_schema():
     groups = {group for group, *_ in CASES}
     assert {None, "algorithm", "policy", "data", "reward_head"} <= groups
     paths = {path for *_, path, _, _ in CASES}
-    assert {"sft.batch_size", "rl.rollout.top_p", "seed", "algorithm.rloo_k", "policy.lora.r", "data.k_min"} <= paths
+    assert {"sft.batch_size", "rollout.top_p", "seed", "algorithm.rloo_k", "policy.lora.r", "data.k_min"} <= paths
     assert len(CASES) > 80
 
 
@@ -148,10 +148,10 @@ def test_choices_cover_the_backends_and_heads():
     ("sft.lr=0", "sft.lr=0.0: must be > 0"),
     ("algorithm.lr=-1", "algorithm.lr=-1.0: must be > 0"),
     ("rm.epochs=0", "rm.epochs=0: must be >= 1"),
-    ("rl.rollout.max_new_tokens=0", "rl.rollout.max_new_tokens=0: must be >= 1"),
-    ("rl.rollout.top_p=0", "rl.rollout.top_p=0.0: must be in (0, 1]"),
-    ("rl.rollout.top_p=2", "rl.rollout.top_p=2.0: must be in (0, 1]"),
-    ("rl.rollout.temperature=0", "rl.rollout.temperature=0.0: must be > 0"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0: must be >= 1"),
+    ("rollout.top_p=0", "rollout.top_p=0.0: must be in (0, 1]"),
+    ("rollout.top_p=2", "rollout.top_p=2.0: must be in (0, 1]"),
+    ("rollout.temperature=0", "rollout.temperature=0.0: must be > 0"),
     ("seed=-1", "seed=-1: must be >= 0"),
     ("eval.num_prompts=0", "eval.num_prompts=0: must be >= 1"),
     ("sft.pack_length=0", "sft.pack_length=0: must be >= 1"),
@@ -167,7 +167,7 @@ def test_issue_examples_are_one_line_errors(override, message):
 
 @pytest.mark.parametrize("override,message", [
     ("+sft.stepz=3", "sft.stepz: no such setting; did you mean sft.steps?"),
-    ("+rl.rollout.temprature=0.5", "rl.rollout.temprature: no such setting; did you mean rl.rollout.temperature?"),
+    ("+rollout.temprature=0.5", "rollout.temprature: no such setting; did you mean rollout.temperature?"),
     ("+algorithm.klcoef=0.5", "algorithm.klcoef: no such setting; did you mean algorithm.kl_coef?"),
     ("+logger.console.key=[a]", "logger.console.key: no such setting; did you mean logger.console.keys?"),
     ("+sed=3", "sed: no such setting; did you mean seed?"),
@@ -241,7 +241,7 @@ def test_batches_refuse_a_non_positive_batch_size():
 
 @pytest.mark.parametrize("args,message", [
     (["sft.batch_size=-1"], "rlhfkit: error: sft.batch_size=-1: must be >= 1"),
-    (["rl.rollout.max_new_tokens=0"], "rlhfkit: error: rl.rollout.max_new_tokens=0: must be >= 1"),
+    (["rollout.max_new_tokens=0"], "rlhfkit: error: rollout.max_new_tokens=0: must be >= 1"),
     (["sft.steps=[1"], "rlhfkit: error: sft.steps=[1: malformed override"),
     (["+sft.stepz=3"], "rlhfkit: error: sft.stepz: no such setting; did you mean sft.steps?"),
     (["-m", "algorithm.kl_coef=0.1,-1"], "rlhfkit: error: algorithm.kl_coef=-1.0: must be >= 0"),

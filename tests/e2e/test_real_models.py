@@ -12,7 +12,7 @@ from ..helpers import CHAT_TEMPLATE, SMOKE, run_cli, save_tiny_model, save_to_hf
 
 pytestmark = pytest.mark.slow
 
-FAST = SMOKE + ["sft.steps=20", "sft.pack_length=128", "rl.rollout.max_new_tokens=8", "eval.num_prompts=16", "logger=[jsonl]"]
+FAST = SMOKE + ["sft.steps=20", "sft.pack_length=128", "rollout.max_new_tokens=8", "eval.num_prompts=16", "logger=[jsonl]"]
 
 
 def _task(rng):

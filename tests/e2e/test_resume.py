@@ -92,13 +92,13 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130_then_resumes(uninterrupted, tm
 
 # the CLI with its checkpoint writer slowed down: a second Ctrl-C surely comes before the first is done
 SLOW_SAVE = """import sys, time
-from rlhfkit import pipeline
+from rlhfkit import loop
 from rlhfkit.cli import main
-save = pipeline.Run.save_training
+save = loop.Loop.save
 def slow(self, *args):
     time.sleep(120)
     return save(self, *args)
-pipeline.Run.save_training = slow
+loop.Loop.save = slow
 main()
 """
 
