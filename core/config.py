@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlhfkit.interfaces import RolloutConfig, ScoringConfig
 from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, Registry
-from rlhfkit.rl import minibatch_size
+from rlhfkit.rlhf.minibatch import minibatch_size
 from rlhfkit.settings import Invalid, bounded, check_keys, check_values
 
 
@@ -173,7 +173,7 @@ class RunConfig:
         if not self.stages or any(s not in STAGES for s in self.stages):
             raise Invalid("stages", list(self.stages), f"each must be one of {list(STAGES)}")
         if "rl" in self.stages:
-            from rlhfkit.experience import check_rl_rollout  # torch-heavy: only when RL runs
+            from rlhfkit.rlhf.rollout import check_rl_rollout  # torch-heavy: only when RL runs
 
             check_rl_rollout(self.rl.rollout)
 

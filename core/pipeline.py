@@ -25,18 +25,21 @@ from rlhfkit.checkpoint import (
 from rlhfkit.data import DataIssues, context_length, describe
 from rlhfkit.config import STAGES, CheckpointConfig, EvalConfig, GuardConfig, OnDivergence, RLConfig, RMConfig, RMLoss, SFTConfig, validate_run
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.experience import any_alive_fn, policy_logprobs
 from rlhfkit.interfaces import (
     Backend, Comparison, Dataset, HeadBuilder, Policy, PolicyLoader, PreferenceOptimizer, RewardModel,
     RewardModelLoader, RLContext, RolloutConfig,
 )
-from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import Registry
 from rlhfkit.resume import Batches, DivergenceError, Guard, Preemption, TrackingBackend, rng_state, set_rng_state
 from rlhfkit.secrets import redact
-from rlhfkit.rl import cosine_schedule, dp_denominator, masked_sum
-from rlhfkit.sequences import Retokenized, causal_lm_loss, encode_pairs, n_targets, pack, pad_rows, same_vocabulary, tokenize_pair
+from rlhfkit.rlhf.losses import causal_lm_loss, comparison_pairs, kwise_loss, n_targets, pairwise_loss
+from rlhfkit.rlhf.masked import dp_denominator, masked_sum
+from rlhfkit.rlhf.packing import pack
+from rlhfkit.rlhf.retokenize import Retokenized, same_vocabulary
+from rlhfkit.rlhf.rollout import any_alive_fn, policy_logprobs
+from rlhfkit.rlhf.schedule import cosine_schedule
+from rlhfkit.rlhf.tokenize import encode_pairs, pad_rows, tokenize_pair
 
 
 def find_checkpoint(run_dir: str, stage: str, max_depth: int = 8) -> str | None:

@@ -13,14 +13,14 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import (
-    kl_controller, dp_denominator, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
-    masked_mean, masked_whiten, minibatch_size,
-)
-from rlhfkit.sequences import response_logits, response_logprobs
+from rlhfkit.rlhf.advantages import gae
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller, kl_penalised_rewards
+from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.masked import dp_denominator, masked_mean, masked_whiten
+from rlhfkit.rlhf.minibatch import minibatch_size
+from rlhfkit.rlhf.rollout import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.settings import bounded
 
 

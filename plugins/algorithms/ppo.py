@@ -16,15 +16,49 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
 from rlhfkit.interfaces import Backend, RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import (
-    kl_controller, clipped_policy_loss, dp_denominator, clipped_value_loss, entropy_from_logits, gae,
-    kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten, minibatch_size,
-)
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits, response_logprobs
+from rlhfkit.rlhf.advantages import gae
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller, kl_penalised_rewards
+from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.losses import causal_lm_loss, n_targets
+from rlhfkit.rlhf.masked import dp_denominator, masked_mean, masked_whiten
+from rlhfkit.rlhf.minibatch import minibatch_size
+from rlhfkit.rlhf.rollout import collect, critic_values, micro_batches, rollout_metrics
+from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.settings import bounded
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    denom: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss (the "N+ details" #9): max of the squared errors of the new
+    value and of the old value moved at most ``clip``. Returns (loss, clip fraction)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss1, loss2), mask, denom=denom)
+    return loss, masked_mean((loss2 > loss1).float(), mask)
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+    denom: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO eq. 7 (clipped surrogate), negated as a loss. With ratio = 1 it equals
+    ``-mean(advantages)``."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.max(loss1, loss2), mask, denom=denom)
+    stats = {
+        "ratio": masked_mean(ratio, mask),
+        "clipfrac": masked_mean((loss2 > loss1).float(), mask),
+        # Schulman's k3 estimator of KL(old || new): low variance, always >= 0
+        "approx_kl": masked_mean((ratio - 1) - (logprobs - old_logprobs), mask),
+    }
+    return loss, stats
 
 
 @dataclass
@@ -96,7 +130,7 @@ class PPO:
         cfg = self.cfg
         self.ctx = ctx
         # Minibatch shuffling draws from its own stream: the global RNG drives sampling and
-        # must advance the same way whatever the world size (see rlhfkit.experience.collect).
+        # must advance the same way whatever the world size (see rlhfkit.rlhf.rollout.collect).
         self.shuffle = torch.Generator().manual_seed(torch.initial_seed())
         disable_dropout(ctx.policy.model)
         self.critic = ctx.make_critic()  # InstructGPT: value model initialised from the RM

@@ -14,11 +14,13 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, micro_batches, rollout_metrics
 from rlhfkit.interfaces import RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import dp_denominator, kl_controller, masked_sum, minibatch_size
-from rlhfkit.sequences import response_logprobs
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller
+from rlhfkit.rlhf.logprobs import response_logprobs
+from rlhfkit.rlhf.masked import dp_denominator, masked_sum
+from rlhfkit.rlhf.minibatch import minibatch_size
+from rlhfkit.rlhf.rollout import collect, micro_batches, rollout_metrics
 from rlhfkit.settings import bounded
 
 

@@ -13,7 +13,8 @@ import torch
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Backend, RLContext, RolloutConfig
-from rlhfkit.sequences import Rollout, draw_uniforms, response_logprobs, sample
+from rlhfkit.rlhf.logprobs import response_logprobs
+from rlhfkit.rlhf.sampling import Rollout, draw_uniforms, sample
 
 
 @dataclass
@@ -136,7 +137,7 @@ def check_rl_rollout(rollout: RolloutConfig) -> None:
 
 
 def any_alive_fn(backend: Backend) -> Callable[[bool], bool] | None:
-    """For :func:`rlhfkit.sequences.sample`: keep every rank decoding while any rank is,
+    """For :func:`rlhfkit.rlhf.sampling.sample`: keep every rank decoding while any rank is,
     so sharded (ZeRO-3) forward passes stay in step. None on one process."""
     if backend.world_size == 1:
         return None

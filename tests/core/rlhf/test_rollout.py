@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 
-from rlhfkit.experience import buckets, collect, micro_batches, policy_logprobs, rollout_metrics
 from rlhfkit.interfaces import ScoringConfig
 from rlhfkit.pipeline import enable_gradient_checkpointing
 from rlhfkit.plugins.algorithms.a2c import A2C, A2CConfig
 from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig
 from rlhfkit.plugins.algorithms.rloo import RLOO, RLOOConfig
-from rlhfkit.sequences import response_logits, sample
+from rlhfkit.rlhf.logprobs import response_logits
+from rlhfkit.rlhf.rollout import buckets, collect, micro_batches, policy_logprobs, rollout_metrics
+from rlhfkit.rlhf.sampling import sample
 
 PROMPTS = ["copy a b c =", "reverse a b c d e f g =", "sort c b a =", "count a in a b a =",
            "copy x =", "sort h g f e d c b a =", "reverse q r =", "count b in b b b c ="]
