@@ -349,10 +349,10 @@ class Generator(Protocol):
         self, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: RolloutConfig, device: torch.device, *,
         greedy: bool = False, uniforms: torch.Tensor | None = None, any_alive: Callable[[bool], bool] | None = None,
     ) -> Any:
-        """A :class:`rlhfkit.sequences.Rollout`: left-padded prompts, then responses
+        """A :class:`rlhfkit.rlhf.sampling.Rollout`: left-padded prompts, then responses
         right-padded after EOS, with the sampled tokens' logprobs at ``cfg.temperature``
         (before top-k/top-p) from the same forward pass, its LM head in fp32 (see
-        :func:`rlhfkit.sequences.fp32_lm_head`). ``uniforms`` (B, max_new_tokens)
+        :func:`rlhfkit.rlhf.logprobs.fp32_lm_head`). ``uniforms`` (B, max_new_tokens)
         are the global RNG's draws for these rows, for world-size-invariant engines;
         ``any_alive`` keeps sharded (ZeRO-3) ranks decoding in step."""
 

@@ -112,7 +112,7 @@ def without_dropout(config: Any) -> Any:
     """Zero every dropout probability of a transformers config (and of its sub-configs),
     before a model is built from it. OPT, Llama/Qwen2 and GPT-NeoX read some of these
     into plain floats rather than ``nn.Dropout`` modules, out of reach of
-    :func:`rlhfkit.plugins.policies.hf.disable_dropout`."""
+    :func:`rlhfkit.rlhf.dropout.disable_dropout`."""
     from transformers import PretrainedConfig
 
     for name, value in list(vars(config).items()):

@@ -13,14 +13,14 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
-from rlhfkit.interfaces import RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import (
-    kl_controller, dp_denominator, entropy_from_logits, gae, kl_penalised_rewards, logprobs_from_logits,
-    masked_mean, masked_whiten, minibatch_size,
-)
-from rlhfkit.sequences import response_logits, response_logprobs
+from rlhfkit.interfaces import RLContext, StepResult
+from rlhfkit.rlhf.advantages import gae
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller, kl_penalised_rewards
+from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.masked import masked_mean, masked_whiten
+from rlhfkit.rlhf.minibatch import MicroBatch, mean_stats, minibatch_size, minibatch_updates
+from rlhfkit.rlhf.rollout import collect, critic_values, rollout_metrics
 from rlhfkit.settings import bounded
 
 
@@ -75,7 +75,7 @@ class A2C:
         self.policy = ctx.backend.prepare(ctx.policy.model, torch.optim.Adam(ctx.policy.model.parameters(), lr=cfg.lr), None, cfg.max_grad_norm)
         self.value = ctx.backend.prepare(self.critic, torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr), None, cfg.max_grad_norm)
 
-    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+    def step(self, prompts: Sequence[str]) -> StepResult:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.time()
         backend = ctx.backend
@@ -88,39 +88,30 @@ class A2C:
         advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)
-        B = mask.shape[0]
-        stats = []
-        for start in range(0, B, mb):  # one pass: every sample is used once
-            idx = torch.arange(start, start + mb)
-            denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)
-            parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
-            st = {"loss/policy": 0.0, "loss/value": 0.0, "policy/entropy": 0.0}
-            for j, (rows, sub) in enumerate(parts):
-                R, m = sub.mask.shape[1], sub.mask
-                with ctx.backend.autocast():
-                    T = ctx.rollout.temperature
-                    if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
-                        logits = response_logits(self.policy, sub.rollout)
-                        logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
-                    else:
-                        logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)
-                    # entropy as a sum over this micro-batch's tokens / the minibatch's count
-                    entropy = masked_mean(token_entropy, m, denom=denom)
-                    pg_loss = a2c_policy_loss(logprobs, advantages[rows, :R], m, denom)
-                    vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[rows, :R], m, denom)
-                self.policy.backward(pg_loss - cfg.entropy_coef * entropy, boundary=j == len(parts) - 1)
-                self.value.backward(cfg.vf_coef * vf_loss, boundary=j == len(parts) - 1)
-                for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy)):
-                    st[k] += v.item()
-            st["grad_norm"] = self.policy.step()
-            self.value.step()
-            stats.append(st)
+        stats = minibatch_updates(  # one pass: every sample is used once
+            exp, [self.policy, self.value], lambda m: self.loss(m, advantages[m.rows], returns[m.rows]),
+            backend=backend, rows_per_minibatch=mb, micro_batch_size=ctx.scoring.train_micro_batch_size)
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
-        self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts))
-        out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        out.update(metrics)
+        global_kl = float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"])))
+        self.kl.update(global_kl, len(prompts))
+        out = mean_stats(stats) | metrics
         out["perf/update_s"] = time.time() - t0 - t_rollout
-        return out
+        return StepResult(out, kl=global_kl)
+
+    def loss(self, m: MicroBatch, advantages: torch.Tensor, returns: torch.Tensor):
+        cfg, ctx, sub, denom = self.cfg, self.ctx, m.exp, m.denom
+        R, mask, T = sub.mask.shape[1], sub.mask, ctx.rollout.temperature
+        with ctx.backend.autocast():
+            if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
+                logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
+                logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
+            else:
+                logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)  # (b, R), (b, R)
+            entropy = masked_mean(token_entropy, mask, denom=denom)
+            pg_loss = a2c_policy_loss(logprobs, advantages[:, :R], mask, denom)
+            vf_loss = value_loss(critic_values(self.value, sub.rollout).float(), returns[:, :R], mask, denom)
+        return [pg_loss - cfg.entropy_coef * entropy, cfg.vf_coef * vf_loss], {
+            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/entropy": entropy.item()}
 
     def state_dict(self) -> dict[str, Any]:
         """The KL controller. The engines (weights, optimizers) are

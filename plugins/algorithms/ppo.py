@@ -16,15 +16,50 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, critic_values, micro_batches, rollout_metrics
-from rlhfkit.interfaces import Backend, RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import (
-    kl_controller, clipped_policy_loss, dp_denominator, clipped_value_loss, entropy_from_logits, gae,
-    kl_penalised_rewards, logprobs_from_logits, masked_mean, masked_whiten, minibatch_size,
-)
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, n_targets, response_logits, response_logprobs
+from rlhfkit.interfaces import Backend, RLContext, StepResult
+from rlhfkit.rlhf.advantages import gae
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller, kl_penalised_rewards
+from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.losses import causal_lm_loss, n_targets
+from rlhfkit.rlhf.masked import dp_denominator, masked_mean, masked_whiten
+from rlhfkit.resume import Batches
+from rlhfkit.rlhf.minibatch import MicroBatch, mean_stats, minibatch_size, minibatch_updates
+from rlhfkit.rlhf.rollout import collect, critic_values, rollout_metrics
+from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.settings import bounded
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    denom: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss (the "N+ details" #9): max of the squared errors of the new
+    value and of the old value moved at most ``clip``. Returns (loss, clip fraction)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss1, loss2), mask, denom=denom)
+    return loss, masked_mean((loss2 > loss1).float(), mask)
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+    denom: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO eq. 7 (clipped surrogate), negated as a loss. With ratio = 1 it equals
+    ``-mean(advantages)``."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.max(loss1, loss2), mask, denom=denom)
+    stats = {
+        "ratio": masked_mean(ratio, mask),
+        "clipfrac": masked_mean((loss2 > loss1).float(), mask),
+        # Schulman's k3 estimator of KL(old || new): low variance, always >= 0
+        "approx_kl": masked_mean((ratio - 1) - (logprobs - old_logprobs), mask),
+    }
+    return loss, stats
 
 
 @dataclass
@@ -96,7 +131,7 @@ class PPO:
         cfg = self.cfg
         self.ctx = ctx
         # Minibatch shuffling draws from its own stream: the global RNG drives sampling and
-        # must advance the same way whatever the world size (see rlhfkit.experience.collect).
+        # must advance the same way whatever the world size (see rlhfkit.rlhf.rollout.collect).
         self.shuffle = torch.Generator().manual_seed(torch.initial_seed())
         disable_dropout(ctx.policy.model)
         self.critic = ctx.make_critic()  # InstructGPT: value model initialised from the RM
@@ -106,92 +141,80 @@ class PPO:
         self.value = ctx.backend.prepare(
             self.critic, torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, eps=1e-5), None, cfg.max_grad_norm
         )
-        if cfg.ptx_coef > 0 and ctx.sft_batches is None:
-            raise ConfigError("algorithm.ptx_coef > 0 needs SFT demonstrations, and the dataset has none.")
+        self.ptx: Batches | None = None
+        if cfg.ptx_coef > 0:  # PPO-ptx: endless batches of the demonstrations that fit the context whole
+            demos = ctx.demonstrations()
+            if not demos:
+                raise ConfigError("algorithm.ptx_coef > 0 needs SFT demonstrations, and the dataset has none.")
+            self.ptx = Batches(len(demos), cfg.ptx_batch_size, ctx.seed + 7, transform=lambda idx: [demos[i] for i in idx])
 
-    def step(self, prompts: Sequence[str]) -> dict[str, float]:
-        cfg, ctx = self.cfg, self.ctx
+    def step(self, prompts: Sequence[str]) -> StepResult:
+        cfg, ctx, backend = self.cfg, self.ctx, self.ctx.backend
         t0 = time.time()
-        backend = ctx.backend
         reduce = backend.all_reduce_sum if backend.world_size > 1 else None
         mb = minibatch_size(len(prompts), backend.world_size, cfg.num_minibatches)  # rows per minibatch, alike on every rank
         exp = collect(ctx, prompts, critic=self.critic, missing_eos_penalty=cfg.missing_eos_penalty)  # this rank's share
         t_rollout = time.time() - t0
         mask = exp.mask  # (B, R)
-        rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)
-        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+        # InstructGPT eq. 2: r(x, y) - beta * log(pi / pi_SFT), the KL per token, the score at EOS
+        rewards, kl = kl_penalised_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl.value)  # (B, R)
+        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)  # (B, R), (B, R)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)  # over the global batch
-
-        B = mask.shape[0]
         self.minibatch_stats = []
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=self.shuffle)
-            for start in range(0, B, mb):
-                idx = perm[start : start + mb]
-                # losses average over every rank's tokens in this minibatch
-                denom = dp_denominator(mask[idx].sum(), reduce, backend.world_size)
-                parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
-                stats: dict[str, float] = {}
-                for j, (rows, sub) in enumerate(parts):
-                    ptx = cfg.ptx_coef > 0 and j == 0  # the SFT mix once per minibatch
-                    st = self._micro_step(sub, advantages[rows], returns[rows], denom, ptx, boundary=j == len(parts) - 1)
-                    share = sub.mask.sum().item() / max(mask[idx].sum().item(), 1.0)
-                    for k, v in st.items():  # losses and entropy are partial sums over one denominator; the rest token-weighted
-                        stats[k] = stats.get(k, 0.0) + (v if k.startswith("loss/") or k == "policy/entropy" else v * share)
-                stats["grad_norm"] = self.policy.step()
-                self.value.step()
-                self.minibatch_stats.append(stats)
-
+            order = torch.randperm(mask.shape[0], generator=self.shuffle)
+            self.minibatch_stats += minibatch_updates(
+                exp, [self.policy, self.value], lambda m: self.loss(m, advantages[m.rows], returns[m.rows]),
+                backend=backend, rows_per_minibatch=mb, micro_batch_size=ctx.scoring.train_micro_batch_size, order=order)
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
         global_kl = float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"])))
         self.kl.update(global_kl, len(prompts))
-        out = {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in self.minibatch_stats[0]}
-        out.update(metrics)
+        out = mean_stats(self.minibatch_stats) | metrics
         out["reward/total"] = (rewards * mask).sum(-1).mean().item()
         out["perf/update_s"] = time.time() - t0 - t_rollout
-        return out
+        return StepResult(out, kl=global_kl)
 
-    def _micro_step(self, sub, advantages, returns, denom, ptx: bool, boundary: bool) -> dict[str, float]:
-        """Forward and backward on one (trimmed) micro-batch; gradients accumulate."""
-        cfg, ctx = self.cfg, self.ctx
-        R = sub.mask.shape[1]
-        m, T = sub.mask, ctx.rollout.temperature
+    def loss(self, m: MicroBatch, advantages: torch.Tensor, returns: torch.Tensor):
+        """The policy and value losses of one (trimmed) micro-batch; ``advantages`` and
+        ``returns`` (b, R) are its rows'."""
+        cfg, ctx, sub, denom = self.cfg, self.ctx, m.exp, m.denom
+        R, mask, T = sub.mask.shape[1], sub.mask, ctx.rollout.temperature
         with ctx.backend.autocast():
             if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
                 logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
                 logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
             else:  # fused LM head; the entropy is a metric
-                logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)
-            # like pg_loss, a sum over this micro-batch's tokens / the minibatch's count
-            entropy = masked_mean(token_entropy, m, denom=denom)
-            pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], m, cfg.clip_eps, denom=denom)
+                logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)  # (b, R), (b, R)
+            entropy = masked_mean(token_entropy, mask, denom=denom)
+            pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], mask, cfg.clip_eps, denom=denom)
             ptx_loss = None
-            if ptx:
-                ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(ctx.sft_batches)[: cfg.ptx_batch_size], ctx.backend)
+            if cfg.ptx_coef > 0 and m.first:  # the SFT mix once per minibatch
+                ptx_loss = sft_batch_loss(self.policy, ctx.policy.tokenizer, next(self.ptx), ctx.backend)
             loss = policy_objective(pg_loss - cfg.entropy_coef * entropy, ptx_loss, cfg.ptx_coef)
-            values = critic_values(self.value, sub.rollout).float()
-            vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[:, :R], m, cfg.vf_clip, denom=denom)
-        self.policy.backward(loss, boundary=boundary)
-        self.value.backward(cfg.vf_coef * vf_loss, boundary=boundary)
-        return {
+            values = critic_values(self.value, sub.rollout).float()  # (b, R)
+            vf_loss, vf_clipfrac = clipped_value_loss(values, sub.values, returns[:, :R], mask, cfg.vf_clip, denom=denom)
+        return [loss, cfg.vf_coef * vf_loss], {
             "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "loss/total": loss.item(),
             "loss/ptx": ptx_loss.item() if ptx_loss is not None else 0.0,
             "policy/ratio": st["ratio"].item(), "policy/clipfrac": st["clipfrac"].item(),
             "policy/approx_kl": st["approx_kl"].item(), "policy/entropy": entropy.item(),
             "value/clipfrac": vf_clipfrac.item(),
             # KL(pi || pi_SFT) of this micro-batch under the current policy
-            "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, m).item(),
+            "policy/kl_ref": masked_mean(logprobs.detach() - sub.ref_logprobs, mask).item(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The KL controller and the minibatch shuffler. The engines (weights, optimizers) are
         checkpointed by the pipeline."""
-        return {"kl": self.kl.state_dict(), "shuffle": self.shuffle.get_state()}
+        return {"kl": self.kl.state_dict(), "shuffle": self.shuffle.get_state()} | (
+            {"ptx": self.ptx.state_dict()} if self.ptx else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kl.load_state_dict(state["kl"])
         self.shuffle.set_state(state["shuffle"])
+        if self.ptx:
+            self.ptx.load_state_dict(state["ptx"])
 
 
 @hookimpl

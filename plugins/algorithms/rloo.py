@@ -14,11 +14,13 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import collect, micro_batches, rollout_metrics
-from rlhfkit.interfaces import RLContext
-from rlhfkit.plugins.policies.hf import disable_dropout
-from rlhfkit.rl import dp_denominator, kl_controller, masked_sum, minibatch_size
-from rlhfkit.sequences import response_logprobs
+from rlhfkit.interfaces import RLContext, StepResult
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.kl import kl_controller
+from rlhfkit.rlhf.logprobs import response_logprobs
+from rlhfkit.rlhf.masked import masked_sum
+from rlhfkit.rlhf.minibatch import MicroBatch, mean_stats, minibatch_size, minibatch_updates
+from rlhfkit.rlhf.rollout import collect, rollout_metrics
 from rlhfkit.settings import bounded
 
 
@@ -66,7 +68,7 @@ class RLOO:
         model = ctx.policy.model
         self.policy = ctx.backend.prepare(model, torch.optim.Adam(model.parameters(), lr=self.cfg.lr), None, self.cfg.max_grad_norm)
 
-    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+    def step(self, prompts: Sequence[str]) -> StepResult:
         cfg, ctx, backend = self.cfg, self.ctx, self.ctx.backend
         k = cfg.rloo_k
         per_step = minibatch_size(len(prompts), backend.world_size, cfg.num_minibatches)  # groups per minibatch, alike on every rank
@@ -78,30 +80,25 @@ class RLOO:
         kl = (exp.logprobs - exp.ref_logprobs) * mask  # (B, R)
         rewards = exp.scores - self.kl.value * kl.sum(-1)  # (B,) sequence-level
         advantages = leave_one_out_advantages(rewards, k)
-        groups = mask.shape[0] // k
-        reduce = backend.all_reduce_sum if backend.world_size > 1 else None
-        losses = []
-        for g in range(0, groups, per_step):
-            idx = torch.arange(g * k, (g + per_step) * k)
-            denom = dp_denominator(float(len(idx)), reduce, backend.world_size)
-            parts = micro_batches(exp, idx, ctx.scoring.train_micro_batch_size)
-            loss_sum = 0.0
-            for j, (rows, sub) in enumerate(parts):
-                with backend.autocast():
-                    logprobs, _ = response_logprobs(self.policy, sub.rollout, ctx.rollout.temperature)
-                    seq_logprobs = masked_sum(logprobs, sub.mask, dim=-1)  # (b,)
-                    loss = -(advantages[rows] * seq_logprobs).sum() / denom
-                self.policy.backward(loss, boundary=j == len(parts) - 1)
-                loss_sum += loss.item()
-            grad_norm = self.policy.step()
-            losses.append(loss_sum)
+
+        def loss(m: MicroBatch):
+            with backend.autocast():
+                logprobs, _ = response_logprobs(self.policy, m.exp.rollout, ctx.rollout.temperature)  # (b, R)
+                seq_logprobs = masked_sum(logprobs, m.exp.mask, dim=-1)  # (b,) log pi(y | x)
+                pg_loss = -(advantages[m.rows] * seq_logprobs).sum() / m.denom  # REINFORCE with the leave-one-out baseline
+            return [pg_loss], {"loss/policy": pg_loss.item()}
+
+        # whole groups of k per minibatch, in order (one pass: on-policy); a row-count denominator
+        stats = minibatch_updates(exp, [self.policy], loss, backend=backend, rows_per_minibatch=per_step * k,
+                                  micro_batch_size=ctx.scoring.train_micro_batch_size, per="row")
         metrics = rollout_metrics(exp, kl, self.kl.value, t_rollout)
-        self.kl.update(float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"]))), len(prompts) * k)
+        global_kl = float(backend.all_reduce_mean(torch.tensor(metrics["rollout/kl"])))
+        self.kl.update(global_kl, len(prompts) * k)
         metrics.update({
-            "loss/policy": sum(losses) / len(losses), "grad_norm": grad_norm,
+            "loss/policy": mean_stats(stats)["loss/policy"], "grad_norm": stats[-1]["grad_norm"],
             "rloo/advantage_std": advantages.std().item(), "perf/update_s": time.time() - t0 - t_rollout,
         })
-        return metrics
+        return StepResult(metrics, kl=global_kl)
 
     def state_dict(self) -> dict[str, Any]:
         """The KL controller. The engines (weights, optimizers) are

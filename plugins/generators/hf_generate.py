@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from rlhfkit import hookimpl
 from rlhfkit.interfaces import RolloutConfig
-from rlhfkit.sequences import Rollout, _static_cache, decode_responses, encode_prompts, fp32_lm_head
+from rlhfkit.rlhf.logprobs import fp32_lm_head
+from rlhfkit.rlhf.sampling import Rollout, _static_cache, decode_responses
+from rlhfkit.rlhf.tokenize import encode_prompts
 from rlhfkit.settings import one_of
 
 

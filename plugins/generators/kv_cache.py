@@ -4,7 +4,7 @@ Batched sampling of left-padded prompts with a preallocated (static) KV cache, e
 once every sequence has produced EOS, temperature / top-k / top-p, and the logprobs of the
 sampled tokens from the same forward pass. Sampling is world-size invariant: every rank
 draws the global batch's uniforms and samples by inverse CDF (see
-:func:`rlhfkit.sequences.sample`). On GPU, ``compile=reduce-overhead`` compiles the decode
+:func:`rlhfkit.rlhf.sampling.sample`). On GPU, ``compile=reduce-overhead`` compiles the decode
 step with CUDA graphs: the static cache keeps its shapes fixed, so it is captured once.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.interfaces import RolloutConfig
-from rlhfkit.sequences import Rollout, sample
+from rlhfkit.rlhf.sampling import Rollout, sample
 from rlhfkit.settings import Invalid, check_values, one_of
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "eager")

@@ -74,15 +74,6 @@ def word_level_tokenizer(vocabulary: list[str]) -> Any:
     )
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """RL needs identical forward passes for sampling and scoring ("N+ details" #3).
-    Dropout that a model reads from its config as a plain probability is zeroed at load
-    time instead (:func:`rlhfkit.plugins.hf_common.load_model`)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
 class HFPolicy:
     """``base``: where the weights under any adapter come from (a path or hub name; None
     for a model built from config), so that an adapter-only save can name it."""

@@ -8,7 +8,7 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.plugins.reward_heads.last_token import linear_scorer
-from rlhfkit.rl import masked_mean
+from rlhfkit.rlhf.masked import masked_mean
 from rlhfkit.settings import bounded
 
 

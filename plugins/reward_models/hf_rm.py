@@ -24,8 +24,9 @@ from rlhfkit.plugins.hf_common import (
     DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_peft, load_model, load_tokenizer, quantization_config,
     save_with_tokenizer,
 )
-from rlhfkit.plugins.policies.hf import disable_dropout, quiet_transformers
-from rlhfkit.sequences import positions
+from rlhfkit.plugins.policies.hf import quiet_transformers
+from rlhfkit.rlhf.dropout import disable_dropout
+from rlhfkit.rlhf.tokenize import positions
 from rlhfkit.settings import one_of
 
 HEAD_FILE, META_FILE = "reward_head.safetensors", "reward_model.json"

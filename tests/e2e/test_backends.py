@@ -1,7 +1,7 @@
 """Every backend on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu) against one process.
 
 The whole pipeline runs (SFT, RM, PPO). Sampling is world-size invariant (uniforms drawn
-for the global batch, see rlhfkit.sequences.sample), losses are normalised by global
+for the global batch, see rlhfkit.rlhf.sampling.sample), losses are normalised by global
 counts, and PPO uses one minibatch per epoch so that every rank-split covers the same set:
 the 2-rank trajectory must then equal the 1-process one up to floating-point reduction
 order. Measured differences are ~1e-5 after 8 SFT, 3 RM and 3 PPO steps; the tolerance

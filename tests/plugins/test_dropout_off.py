@@ -5,9 +5,10 @@ module (OPT, Llama/Qwen2, GPT-NeoX): RL needs identical forward passes ("N+ deta
 import pytest
 import torch
 
-from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader, disable_dropout, word_level_tokenizer
+from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader, word_level_tokenizer
 from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
 from rlhfkit.plugins.reward_models.seq_cls import SeqClsConfig, SeqClsLoader
+from rlhfkit.rlhf.dropout import disable_dropout
 
 from ..conftest import head_builder
 

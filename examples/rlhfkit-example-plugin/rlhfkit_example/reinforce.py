@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.experience import collect
-from rlhfkit.rl import kl_penalised_rewards, logprobs_from_logits, masked_sum
-from rlhfkit.sequences import response_logits
+from rlhfkit.rlhf.kl import kl_penalised_rewards
+from rlhfkit.rlhf.logprobs import logprobs_from_logits, response_logits
+from rlhfkit.rlhf.masked import masked_sum
+from rlhfkit.rlhf.rollout import collect
 
 
 @dataclass

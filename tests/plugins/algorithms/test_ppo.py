@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig, policy_objective
+from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig, clipped_policy_loss, clipped_value_loss, policy_objective
 
 
 def _params(model):
@@ -27,19 +27,19 @@ def test_ppo_step_updates_policy_and_critic_but_not_reference(rl_ctx):
     ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, lr=1e-3))
     ppo.setup(rl_ctx)
     before_p, before_ref, before_v = _params(rl_ctx.policy.model), _params(rl_ctx.reference.model), _params(ppo.critic)
-    before_rm = _params(rl_ctx.reward_model)
+    before_rm = _params(rl_ctx.reward.rm)
     ppo.step(["copy a b c =", "sort c b a ="] * 4)
     assert not torch.equal(before_p, _params(rl_ctx.policy.model))
     assert not torch.equal(before_v, _params(ppo.critic))
     assert torch.equal(before_ref, _params(rl_ctx.reference.model))
-    assert torch.equal(before_rm, _params(rl_ctx.reward_model))  # the critic is a copy
+    assert torch.equal(before_rm, _params(rl_ctx.reward.rm))  # the critic is a copy
 
 
 def test_critic_is_initialised_from_reward_model(rl_ctx):
     ppo = PPO(PPOConfig())
     ppo.setup(rl_ctx)
-    assert torch.equal(_params(ppo.critic), _params(rl_ctx.reward_model))
-    assert ppo.critic is not rl_ctx.reward_model
+    assert torch.equal(_params(ppo.critic), _params(rl_ctx.reward.rm))
+    assert ppo.critic is not rl_ctx.reward.rm
 
 
 def test_ptx_term_is_present_and_weighted(rl_ctx):
@@ -69,7 +69,7 @@ def test_ptx_changes_the_update(rl_ctx, policy_loader, policy_dir):
 
 
 def test_missing_eos_penalty_replaces_score(rl_ctx):
-    from rlhfkit.experience import collect
+    from rlhfkit.rlhf.rollout import collect
 
     rl_ctx.rollout.max_new_tokens = 1  # nothing can end in one token unless it is EOS
     torch.manual_seed(0)
@@ -146,10 +146,10 @@ def test_entropy_bonus_gradient_is_the_same_with_micro_batches(rl_ctx):
 def test_the_reward_models_bias_shifts_the_critics_values(rl_ctx):
     """The critic starts as the RM, bias included: a bias of 2 lowers every value by 2
     (it used to leak in as a constant offset from the rewards, a length bias in GAE)."""
-    from rlhfkit.experience import collect
+    from rlhfkit.rlhf.rollout import collect
 
     def values(bias):
-        rl_ctx.reward_model.set_bias(bias)
+        rl_ctx.reward.rm.set_bias(bias)
         torch.manual_seed(0)
         exp = collect(rl_ctx, ["copy a b c =", "sort c b a =", "reverse a b ="] * 2, critic=rl_ctx.make_critic())
         return exp.values, exp.rm_scores, exp.mask
@@ -159,3 +159,32 @@ def test_the_reward_models_bias_shifts_the_critics_values(rl_ctx):
     torch.testing.assert_close(r2, r0 - 2.0)
     torch.testing.assert_close(v2 * mask, (v0 - 2.0) * mask)
 
+
+def test_value_loss_is_clipped():
+    old = torch.zeros(1, 2)
+    returns = torch.tensor([[1.0, 1.0]])
+    new = torch.tensor([[1.0, 1.0]], requires_grad=True)  # moved 1.0, clip is 0.2
+    loss, clipfrac = clipped_value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
+    # clipped value 0.2 -> error 0.8^2; unclipped error 0: the max keeps the clipped one
+    assert loss.item() == pytest.approx(0.5 * 0.64)
+    assert clipfrac.item() == 1.0
+    loss.backward()
+    assert torch.all(new.grad == 0)  # the clipped branch carries no gradient to the new value
+
+
+def test_policy_loss_ratio_one_is_minus_mean_advantage():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    adv = torch.tensor([[1.0, -2.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, st = clipped_policy_loss(logp, logp.clone(), adv, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-(1.0 - 2.0) / 2)
+    assert st["ratio"].item() == pytest.approx(1.0)
+    assert st["clipfrac"].item() == 0.0
+
+
+def test_policy_loss_clips_large_ratio():
+    old = torch.zeros(1, 1)
+    new = torch.tensor([[1.0]])  # ratio e
+    loss, st = clipped_policy_loss(new, old, torch.ones(1, 1), torch.ones(1, 1), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-1.2)
+    assert st["clipfrac"].item() == 1.0

@@ -6,11 +6,11 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import policy_logprobs
 from rlhfkit.interfaces import Generator, RolloutConfig
 from rlhfkit.plugins.generators.hf_generate import HFGenerateConfig, HFGenerator
 from rlhfkit.plugins.generators.kv_cache import KVCacheConfig, KVCacheGenerator
-from rlhfkit.sequences import _static_cache, draw_uniforms, sample
+from rlhfkit.rlhf.rollout import policy_logprobs
+from rlhfkit.rlhf.sampling import _static_cache, draw_uniforms, sample
 
 CPU = torch.device("cpu")
 PROMPTS = ["copy a b c =", "sort d c b a e =", "reverse a b =", "count a in a b a ="]

@@ -7,7 +7,7 @@ import torch
 from rlhfkit.errors import CheckpointError
 from rlhfkit.plugins.reward_heads.mean_pool import MeanPoolConfig, MeanPoolHead
 from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
-from rlhfkit.sequences import encode_pairs
+from rlhfkit.rlhf.tokenize import encode_pairs
 
 from ...conftest import head_builder
 

@@ -5,7 +5,8 @@ import torch
 from rlhfkit.plugins.reward_heads.last_token import LastTokenConfig, LastTokenHead
 from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
 from rlhfkit.plugins.reward_models.seq_cls import SeqClsConfig, SeqClsLoader
-from rlhfkit.sequences import Retokenized, encode_pairs, same_vocabulary
+from rlhfkit.rlhf.retokenize import Retokenized, same_vocabulary
+from rlhfkit.rlhf.tokenize import encode_pairs
 
 from ...helpers import save_tiny_model
 

@@ -1,4 +1,5 @@
-"""Reward-model losses: InstructGPT's K-wise loss and the plain pairwise loss."""
+"""Supervised losses: the reward model's (InstructGPT's K-wise loss and the plain pairwise
+loss) and SFT's (next-token cross-entropy)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def pairwise_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, denom: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-log sigmoid(r_chosen - r_rejected), mean over pairs. (M,), (M,) -> loss, accuracy.
-    ``denom`` replaces the pair count (see :func:`rlhfkit.rl.dp_denominator`)."""
+    ``denom`` replaces the pair count (see :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
     margin = chosen - rejected
     loss = -F.logsigmoid(margin).sum() / (len(margin) if denom is None else denom)
     return loss, (margin > 0).float().mean()
@@ -47,7 +48,7 @@ def kwise_loss(
     prompt, averaged over prompts. Each completion is forwarded once (``rewards`` (N,) holds
     every completion of the batch) and all C(K,2) pairs of a prompt are one batch element,
     which is what keeps the RM from over-fitting to repeated completions. ``denom``
-    replaces the number of prompts with pairs (see :func:`rlhfkit.rl.dp_denominator`)."""
+    replaces the number of prompts with pairs (see :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
     win, lose, group = win.to(rewards.device), lose.to(rewards.device), group.to(rewards.device)
     margin = rewards[win] - rewards[lose]  # (M,)
     counts = torch.zeros(n_groups, device=rewards.device).index_add_(0, group, torch.ones_like(margin))
@@ -56,3 +57,19 @@ def kwise_loss(
     per_prompt = per_group[has_pairs] / counts[has_pairs]
     loss = per_prompt.sum() / (len(per_prompt) if denom is None else denom)
     return loss, (margin > 0).float().mean()
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, denom: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over target positions. logits (B, L, V). ``denom``
+    replaces the local target count (see :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].float()
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(mask) * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+
+
+def n_targets(loss_mask: torch.Tensor) -> torch.Tensor:
+    """How many positions :func:`causal_lm_loss` averages over."""
+    return loss_mask[:, 1:].sum().float()

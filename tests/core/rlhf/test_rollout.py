@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 
-from rlhfkit.experience import buckets, collect, micro_batches, policy_logprobs, rollout_metrics
 from rlhfkit.interfaces import ScoringConfig
 from rlhfkit.pipeline import enable_gradient_checkpointing
 from rlhfkit.plugins.algorithms.a2c import A2C, A2CConfig
 from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig
 from rlhfkit.plugins.algorithms.rloo import RLOO, RLOOConfig
-from rlhfkit.sequences import response_logits, sample
+from rlhfkit.rlhf.logprobs import response_logits
+from rlhfkit.rlhf.rollout import buckets, collect, micro_batches, policy_logprobs, rollout_metrics
+from rlhfkit.rlhf.sampling import sample
 
 PROMPTS = ["copy a b c =", "reverse a b c d e f g =", "sort c b a =", "count a in a b a =",
            "copy x =", "sort h g f e d c b a =", "reverse q r =", "count b in b b b c ="]
@@ -43,7 +44,7 @@ def test_response_logits_project_only_response_positions(rl_ctx):
 
 def test_trimmed_micro_batches_drop_shared_padding(rl_ctx):
     torch.manual_seed(0)
-    exp = collect(rl_ctx, PROMPTS, critic=rl_ctx.reward_model)
+    exp = collect(rl_ctx, PROMPTS, critic=rl_ctx.reward.rm)
     for rows, sub in micro_batches(exp, torch.arange(len(PROMPTS)), 3):
         assert sub.rollout.input_ids.shape[0] == len(rows)
         assert bool(sub.rollout.attention_mask[:, 0].any())  # no all-padding first column
@@ -56,10 +57,10 @@ def test_micro_batched_scoring_equals_one_pass(rl_ctx, recompute):
     ctx = copy.copy(rl_ctx)
     torch.manual_seed(0)
     ctx.scoring = ScoringConfig(recompute_logprobs=recompute)
-    whole = collect(ctx, PROMPTS, critic=rl_ctx.reward_model)
+    whole = collect(ctx, PROMPTS, critic=rl_ctx.reward.rm)
     torch.manual_seed(0)
     ctx.scoring = ScoringConfig(score_micro_batch_size=3, recompute_logprobs=recompute)
-    micro = collect(ctx, PROMPTS, critic=rl_ctx.reward_model)
+    micro = collect(ctx, PROMPTS, critic=rl_ctx.reward.rm)
     assert torch.equal(whole.rollout.input_ids, micro.rollout.input_ids)
     for a, b in ((whole.logprobs, micro.logprobs), (whole.ref_logprobs, micro.ref_logprobs),
                  (whole.values, micro.values), (whole.rm_scores, micro.rm_scores)):
@@ -72,7 +73,7 @@ def test_micro_batched_scoring_equals_one_pass(rl_ctx, recompute):
 def test_logprob_gap_is_logged_and_near_zero_in_fp32(rl_ctx):
     ctx = copy.copy(rl_ctx)
     ctx.scoring = ScoringConfig(logprob_gap_rows=3)
-    exp = collect(ctx, PROMPTS, critic=rl_ctx.reward_model)
+    exp = collect(ctx, PROMPTS, critic=rl_ctx.reward.rm)
     metrics = rollout_metrics(exp, exp.logprobs - exp.ref_logprobs, 0.1, 1.0)
     assert 0.0 <= metrics["rollout/logprob_gap_mean"] <= metrics["rollout/logprob_gap_max"] < 1e-4
     ctx.scoring = ScoringConfig(logprob_gap_rows=0)

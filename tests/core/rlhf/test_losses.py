@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from rlhfkit.losses import comparison_pairs, kwise_loss, pairwise_loss
+from rlhfkit.rlhf.losses import comparison_pairs, kwise_loss, pairwise_loss
 
 
 def _kwise(rewards, scores):

@@ -13,7 +13,8 @@ import torch
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Backend, RLContext, RolloutConfig
-from rlhfkit.sequences import Rollout, draw_uniforms, response_logprobs, sample
+from rlhfkit.rlhf.logprobs import response_logprobs
+from rlhfkit.rlhf.sampling import Rollout, draw_uniforms, sample
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Experience:
     rollout: Rollout
     logprobs: torch.Tensor  # (B, R) policy, at the rollout temperature
     ref_logprobs: torch.Tensor  # (B, R) frozen SFT policy
-    rm_scores: torch.Tensor  # (B,) reward model
+    rm_scores: torch.Tensor  # (B,) the reward source (reward=model: the reward model)
     scores: torch.Tensor  # (B,) after the missing-EOS penalty
     values: torch.Tensor | None  # (B, R) critic, or None for critic-free algorithms
     mask: torch.Tensor  # (B, R) float: response tokens up to and including EOS
@@ -136,7 +137,7 @@ def check_rl_rollout(rollout: RolloutConfig) -> None:
 
 
 def any_alive_fn(backend: Backend) -> Callable[[bool], bool] | None:
-    """For :func:`rlhfkit.sequences.sample`: keep every rank decoding while any rank is,
+    """For :func:`rlhfkit.rlhf.sampling.sample`: keep every rank decoding while any rank is,
     so sharded (ZeRO-3) forward passes stay in step. None on one process."""
     if backend.world_size == 1:
         return None
@@ -189,7 +190,7 @@ def collect(
                 few = rollout.select(torch.arange(min(ctx.scoring.logprob_gap_rows, len(mine)))).trimmed()
                 diagnostics = logprob_gap(few.logprobs, policy_logprobs(policy, few, T), few.response_mask)
         ref_logprobs = _scored(lambda r: policy_logprobs(ctx.reference.model, r, T), rollout, size, max_rows, per_token=True)
-        rm_scores = _scored(lambda r: ctx.reward_model(r.input_ids, r.attention_mask), rollout, size, max_rows, per_token=False)
+        rm_scores = _scored(ctx.reward, rollout, size, max_rows, per_token=False)  # the reward source's scores
         values = None
         if critic is not None:
             values = _scored(lambda r: critic_values(critic, r), rollout, size, max_rows, per_token=True)

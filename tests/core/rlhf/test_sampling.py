@@ -1,16 +1,8 @@
 import torch
 
 from rlhfkit.interfaces import RolloutConfig
-from rlhfkit.experience import policy_logprobs
-from rlhfkit.sequences import causal_lm_loss, encode_pairs, encode_prompts, pack, pad_rows, sample, tokenize_pair
-
-
-def test_prompts_are_left_padded(tiny_policy):
-    tok = tiny_policy.tokenizer
-    ids, mask = encode_prompts(tok, ["copy a b =", "reverse a b c d ="], torch.device("cpu"))
-    assert ids.shape == (2, 6)
-    assert mask[0].tolist() == [0, 0, 1, 1, 1, 1]
-    assert ids[0, 0].item() == tok.pad_token_id
+from rlhfkit.rlhf.rollout import policy_logprobs
+from rlhfkit.rlhf.sampling import sample
 
 
 def test_greedy_sampling_matches_transformers_generate(tiny_policy):
@@ -48,30 +40,8 @@ def test_top_k_one_is_greedy(tiny_policy):
     assert torch.equal(greedy.response_ids, topk.response_ids)
 
 
-def test_packed_loss_equals_padded_loss(tiny_policy):
-    model, tok = tiny_policy.model.eval(), tiny_policy.tokenizer
-    pairs = [("copy a b =", "a b !"), ("reverse a b c d e f =", "f e d c b a"), ("count a in a a =", "2")]
-    rows = [tokenize_pair(tok, p, r) for p, r in pairs]
-    packed = pack(rows, pack_length=64, pad_id=tok.pad_token_id, mask_prompt=True, device=torch.device("cpu"))
-    assert packed.input_ids.shape[0] == 1  # all three share one row
-    padded = pad_rows(rows, tok.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        lp = causal_lm_loss(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids).logits, packed.input_ids, packed.loss_mask)
-        ld = causal_lm_loss(model(input_ids=padded.input_ids, attention_mask=padded.attention_mask).logits, padded.input_ids, padded.loss_mask)
-    torch.testing.assert_close(lp, ld, atol=1e-5, rtol=1e-5)
-    assert int(packed.loss_mask.sum()) == int(padded.loss_mask.sum())
-
-
-def test_prompt_masking(tiny_policy):
-    tok = tiny_policy.tokenizer
-    e = encode_pairs(tok, ["copy a b ="], ["a b"], torch.device("cpu"))
-    # prompt is 4 tokens; targets are "a b <eos>"
-    assert e.loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
-    assert e.input_ids[0, -1].item() == tok.eos_token_id
-
-
 def test_sampling_is_independent_of_batch_composition(tiny_policy):
-    from rlhfkit.sequences import draw_uniforms
+    from rlhfkit.rlhf.sampling import draw_uniforms
 
     model, tok = tiny_policy.model.eval(), tiny_policy.tokenizer
     prompts = ["copy a b c =", "sort d c b a e =", "reverse a b =", "count a in a b a ="]

@@ -4,11 +4,11 @@ and the plain path where it does not."""
 import pytest
 import torch
 
-from rlhfkit import sequences
-from rlhfkit.fused import chosen_logprobs
 from rlhfkit.interfaces import RolloutConfig
-from rlhfkit.rl import entropy_from_logits, logprobs_from_logits
-from rlhfkit.sequences import response_logits, response_logprobs, sample
+from rlhfkit.rlhf import logprobs
+from rlhfkit.rlhf.fused import chosen_logprobs
+from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.sampling import sample
 
 
 def test_values_and_gradients_are_exact():
@@ -49,8 +49,8 @@ def test_fused_path_matches_the_plain_path_on_real_models(policy_and_rollout, mo
     model, r, _ = policy_and_rollout
     m = r.response_mask.float()
     calls = []
-    real = sequences.chosen_logprobs
-    monkeypatch.setattr(sequences, "chosen_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = logprobs.chosen_logprobs
+    monkeypatch.setattr(logprobs, "chosen_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused, fused_ent = response_logprobs(model, r, 0.8)
     assert calls, "the fused path should apply to GPT-2 and Llama"
     logits = response_logits(model, r)
@@ -71,7 +71,7 @@ def test_models_with_transformed_logits_take_the_plain_path(policy_and_rollout):
     finally:
         handle.remove()
     torch.testing.assert_close(logp, expected)
-    assert model in sequences._UNFUSABLE
+    assert model in logprobs._UNFUSABLE
 
 
 def test_the_lm_head_projects_in_fp32_under_bf16_autocast(policy_and_rollout):
