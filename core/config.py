@@ -106,20 +106,22 @@ class RunSettings:
             raise Invalid("stages", list(self.stages), f"each must be one of {list(run.known_stages)}")
 
 
-@functools.lru_cache(maxsize=None)
 def run_schema(registry: Registry) -> type:
     """The run config's dataclass: :class:`RunSettings`, a field per component group of
     :data:`rlhfkit.hookspecs.GROUPS`, and a field per registered stage holding its schema."""
     own = {f.name for f in fields(RunSettings)}
-    extra: list[tuple[str, Any, Any]] = []
-    for group in registry.groups():
-        if group != STAGE_GROUP:
-            extra.append((group, Any, field(default=None)))
     for entry in registry.entries(STAGE_GROUP):
         if entry.name in own or entry.name in GROUPS:
             raise ConfigError(f"Package '{entry.package}' registers a stage named '{entry.name}', which is a run "
                               "setting of its own: rename the stage.")
-        extra.append((entry.name, entry.schema, field(default_factory=entry.schema)))
+    groups = tuple(g for g in registry.groups() if g != STAGE_GROUP)
+    return _run_schema(groups, tuple((e.name, e.schema) for e in registry.entries(STAGE_GROUP)))
+
+
+@functools.lru_cache(maxsize=None)
+def _run_schema(groups: tuple[str, ...], stages: tuple[tuple[str, type], ...]) -> type:
+    extra: list[tuple[str, Any, Any]] = [(group, Any, field(default=None)) for group in groups]
+    extra += [(name, schema, field(default_factory=schema)) for name, schema in stages]
     return make_dataclass("RunConfig", extra, bases=(RunSettings,), namespace={"__module__": __name__})
 
 
@@ -169,7 +171,8 @@ def validate_run(cfg: DictConfig, registry: Registry) -> RunInfo:
     base = cfg.copy()
     with open_dict(base):
         for group in groups:
-            base[group] = None
+            if group != STAGE_GROUP:
+                base[group] = None
     run_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(run_schema(registry)), base))
     backend = next((entry for group, _, entry, _ in typed if group == "backend"), None)
     fixed = getattr(backend.factory, "world_size", None) if backend is not None else 1  # SingleDevice.world_size = 1

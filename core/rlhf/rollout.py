@@ -131,9 +131,9 @@ def check_rl_rollout(rollout: RolloutConfig) -> None:
     logprobs of a policy that did not generate the data."""
     if rollout.top_k > 0 or rollout.top_p < 1.0:
         raise ConfigError(
-            f"rl.rollout.top_k={rollout.top_k} rl.rollout.top_p={rollout.top_p}: RL must sample the distribution its PPO "
-            "ratio and KL penalty score, the untruncated one. Set rl.rollout.top_k=0 rl.rollout.top_p=1.0 (a lower "
-            "rl.rollout.temperature sharpens sampling); top-k/top-p serve only runs without the rl stage.")
+            f"rollout.top_k={rollout.top_k} rollout.top_p={rollout.top_p}: RL must sample the distribution its PPO "
+            "ratio and KL penalty score, the untruncated one. Set rollout.top_k=0 rollout.top_p=1.0 (a lower "
+            "rollout.temperature sharpens sampling); top-k/top-p serve only runs without the rl stage.")
 
 
 def any_alive_fn(backend: Backend) -> Callable[[bool], bool] | None:

@@ -126,6 +126,7 @@ class PPO:
         self.cfg = cfg
         self.kl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.minibatch_stats: list[dict[str, float]] = []  # of the last step, for inspection
+        self.ptx: Batches | None = None  # PPO-ptx demonstration batches (setup)
 
     def setup(self, ctx: RLContext) -> None:
         cfg = self.cfg
@@ -141,7 +142,6 @@ class PPO:
         self.value = ctx.backend.prepare(
             self.critic, torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, eps=1e-5), None, cfg.max_grad_norm
         )
-        self.ptx: Batches | None = None
         if cfg.ptx_coef > 0:  # PPO-ptx: endless batches of the demonstrations that fit the context whole
             demos = ctx.demonstrations()
             if not demos:

@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlhfkit.cli import setup
-from rlhfkit.config import RunConfig, validate_run
+from rlhfkit.config import run_schema, validate_run
 from rlhfkit.errors import ConfigError
-from rlhfkit.registry import MULTI_GROUPS
+from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP
 from rlhfkit.settings import ALLOWED, show
 
 from ..helpers import SMOKE, compose, run_cli
@@ -69,10 +69,10 @@ def bad_value(f: dataclasses.Field, hint) -> float | int:
 
 def _cases():
     registry = setup()[1]
-    cases = [(None, None, path, f, hint) for path, f, hint in numeric_fields(RunConfig, "")]
+    cases = [(None, None, path, f, hint) for path, f, hint in numeric_fields(run_schema(setup()[1]), "")]
     for group in registry.groups():
         for entry in registry.entries(group):
-            if entry.package != "rlhfkit":
+            if entry.package != "rlhfkit" or group == STAGE_GROUP:  # stage settings are run-schema fields
                 continue
             prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else group
             cases += [(group, entry.name, path, f, hint) for path, f, hint in numeric_fields(entry.schema, prefix)]
@@ -122,7 +122,7 @@ def _choice_cases():
         for entry in registry.entries(group):
             for f in dataclasses.fields(entry.schema):
                 allowed = f.metadata.get(ALLOWED)
-                if entry.package == "rlhfkit" and allowed is not None and allowed.choices:
+                if entry.package == "rlhfkit" and group != STAGE_GROUP and allowed is not None and allowed.choices:
                     prefix = f"{group}.{entry.name}" if group in MULTI_GROUPS else group
                     out.append((group, entry.name, f"{prefix}.{f.name}", allowed.choices))
     return out

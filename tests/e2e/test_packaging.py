@@ -1,6 +1,7 @@
 """Packaging: a non-editable install finds its configs, and a third-party plugin package
 installed from examples/ is selectable by name through real package metadata."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,22 @@ def test_example_plugin_selected_by_name_from_the_cli(example_site, tmp_path):
     # a wrong type in a third-party plugin's field is caught by its schema, too
     r = run_cli(["algorithm=reinforce", "algorithm.kl_coef=high"], cwd=str(tmp_path), env_extra={"PYTHONPATH": example_site})
     assert r.returncode != 0 and "algorithm.kl_coef" in r.stderr + r.stdout
+
+
+def test_example_stage_runs_from_the_cli(example_site, tmp_path):
+    env = {"PYTHONPATH": example_site}
+    run_dir = tmp_path / "run"
+    # best_of_n scores with the run's reward source: reward=model needs an rm product, checked before any work
+    r = run_cli(SMOKE + ["stages=[sft,best_of_n]", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path), env_extra=env)
+    assert r.returncode != 0 and "Stage 'rm' is not in stages" in r.stderr and not (run_dir / "sft").exists()
+    r = run_cli(SMOKE + ["stages=[sft,rm,best_of_n]", "best_of_n.steps=4", "best_of_n.num_prompts=16",
+                         f"hydra.run.dir={run_dir}"], cwd=str(tmp_path), env_extra=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = json.load(open(run_dir / "eval.json"))
+    assert list(table["policies"]) == ["sft", "best_of_n"]  # evaluated against SFT, like every trained policy
+    assert (run_dir / "best_of_n" / "manifest.json").is_file()
+    rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert [x["step"] for x in rows if x["stage"] == "best_of_n" and "loss/best_of_n" in x] == [4]
 
 
 def test_example_plugin_yaml_preset_from_its_search_path(example_site, tmp_path):

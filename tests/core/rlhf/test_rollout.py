@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.interfaces import ScoringConfig
-from rlhfkit.pipeline import enable_gradient_checkpointing
+from rlhfkit.rlhf.memory import enable_gradient_checkpointing
 from rlhfkit.plugins.algorithms.a2c import A2C, A2CConfig
 from rlhfkit.plugins.algorithms.ppo import PPO, PPOConfig
 from rlhfkit.plugins.algorithms.rloo import RLOO, RLOOConfig
@@ -121,7 +121,7 @@ def _train(ctx, make, scoring, checkpointing=False):
     torch.manual_seed(0)
     algo = make()
     algo.setup(ctx)
-    metrics = algo.step(PROMPTS)
+    metrics = algo.step(PROMPTS).metrics
     return _params(ctx.policy.model), metrics
 
 

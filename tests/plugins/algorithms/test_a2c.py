@@ -23,7 +23,7 @@ def test_a2c_single_pass_updates_once_per_minibatch(rl_ctx):
     orig = algo.policy.step
     algo.policy.step = lambda: steps.append(1) or orig()
     before = torch.cat([p.detach().flatten().clone() for p in rl_ctx.policy.model.parameters()])
-    m = algo.step(["copy a b c =", "sort c b a =", "reverse a b c =", "count a in a a ="])
+    m = algo.step(["copy a b c =", "sort c b a =", "reverse a b c =", "count a in a a ="]).metrics
     assert len(steps) == 2  # one pass over the rollout: each sample used once
     after = torch.cat([p.detach().flatten() for p in rl_ctx.policy.model.parameters()])
     assert not torch.equal(before, after)

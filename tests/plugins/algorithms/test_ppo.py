@@ -12,7 +12,7 @@ def test_first_minibatch_has_zero_kl_and_unit_ratio(rl_ctx):
     torch.manual_seed(0)
     ppo = PPO(PPOConfig(ppo_epochs=2, num_minibatches=2))
     ppo.setup(rl_ctx)
-    metrics = ppo.step(["copy a b c =", "reverse a b c d =", "sort c b a =", "count a in a b a ="] * 4)
+    metrics = ppo.step(["copy a b c =", "reverse a b c d =", "sort c b a =", "count a in a b a ="] * 4).metrics
     first = ppo.minibatch_stats[0]
     assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert first["policy/clipfrac"] == 0.0
@@ -49,7 +49,7 @@ def test_ptx_term_is_present_and_weighted(rl_ctx):
     torch.manual_seed(0)
     ppo = PPO(PPOConfig(ppo_epochs=1, num_minibatches=1, ptx_coef=0.5))
     ppo.setup(rl_ctx)
-    m = ppo.step(["copy a b c =", "sort c b a ="] * 2)
+    m = ppo.step(["copy a b c =", "sort c b a ="] * 2).metrics
     s = ppo.minibatch_stats[0]
     assert s["loss/ptx"] > 0  # an untrained model has a large SFT loss
     assert s["loss/total"] == pytest.approx(s["loss/policy"] + 0.5 * s["loss/ptx"], rel=1e-5)
@@ -128,7 +128,7 @@ def _entropy_step(rl_ctx, micro_batch_size, entropy_coef):
     grads, step = [], ppo.policy.step
     ppo.policy.step = lambda: grads.append(torch.cat([p.grad.flatten().clone() for p in ctx.policy.model.parameters()])) or step()
     metrics = ppo.step(["copy a b c =", "reverse a b c d e f g =", "sort c b a =", "count a in a b a =",
-                        "copy x =", "sort h g f e d c b a =", "reverse q r =", "count b in b b b c ="])
+                        "copy x =", "sort h g f e d c b a =", "reverse q r =", "count b in b b b c ="]).metrics
     return grads[0], metrics
 
 
