@@ -126,3 +126,14 @@ def response_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: flo
         _UNFUSABLE.add(getattr(model, "module", model))
     logits = response_logits(model, rollout)
     return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature)
+
+
+def logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float,
+                         entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, R) logprobs and entropies of a rollout's response tokens. With ``entropy_grad``
+    (an entropy bonus in the loss) from the full logits, so that the entropy carries its
+    gradient; otherwise from the fused LM head, the entropy only a metric."""
+    if entropy_grad:
+        logits = response_logits(model, rollout)  # (b, R, V)
+        return logprobs_from_logits(logits, rollout.response_ids, temperature), entropy_from_logits(logits, temperature)
+    return response_logprobs(model, rollout, temperature)

@@ -20,7 +20,7 @@ from rlhfkit.interfaces import Backend, RLContext, StepResult
 from rlhfkit.rlhf.advantages import gae
 from rlhfkit.rlhf.dropout import disable_dropout
 from rlhfkit.rlhf.kl import kl_controller, kl_penalised_rewards
-from rlhfkit.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, response_logprobs
+from rlhfkit.rlhf.logprobs import logprobs_and_entropy
 from rlhfkit.rlhf.losses import causal_lm_loss, n_targets
 from rlhfkit.rlhf.masked import dp_denominator, masked_mean, masked_whiten
 from rlhfkit.resume import Batches
@@ -181,11 +181,7 @@ class PPO:
         cfg, ctx, sub, denom = self.cfg, self.ctx, m.exp, m.denom
         R, mask, T = sub.mask.shape[1], sub.mask, ctx.rollout.temperature
         with ctx.backend.autocast():
-            if cfg.entropy_coef:  # the entropy bonus needs its gradient: full logits
-                logits = response_logits(self.policy, sub.rollout)  # (b, R, V)
-                logprobs, token_entropy = logprobs_from_logits(logits, sub.rollout.response_ids, T), entropy_from_logits(logits, T)
-            else:  # fused LM head; the entropy is a metric
-                logprobs, token_entropy = response_logprobs(self.policy, sub.rollout, T)  # (b, R), (b, R)
+            logprobs, token_entropy = logprobs_and_entropy(self.policy, sub.rollout, T, entropy_grad=cfg.entropy_coef > 0)  # (b, R)
             entropy = masked_mean(token_entropy, mask, denom=denom)
             pg_loss, st = clipped_policy_loss(logprobs, sub.logprobs, advantages[:, :R], mask, cfg.clip_eps, denom=denom)
             ptx_loss = None
