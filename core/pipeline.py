@@ -140,10 +140,16 @@ class Run:
                 f"Stage '{product}' is not in stages={list(self.settings.stages)}, so its checkpoint comes from from_run, but "
                 + (f"{from_run!r} has no '{product}' checkpoint" if from_run else "from_run is not set")
                 + f". Set from_run=<a run directory with a '{product}' checkpoint>, or add '{product}' to stages.")
+        self.check_product(product, path)
+        return path
+
+    @staticmethod
+    def check_product(product: str, path: str) -> None:
+        """A product read from elsewhere must match its manifest; one without a manifest (a
+        Hugging Face directory of the user's own) is taken as it is."""
         if os.path.isfile(os.path.join(path, "manifest.json")) and (problem := verify(path)):
             raise CheckpointError(f"{path} is corrupt or incomplete: {problem}. Train the '{product}' stage again "
                                   f"(add it to stages), or take it from a run where it is intact.")
-        return path
 
     def context(self, name: str) -> StageContext:
         s = self.settings
