@@ -81,11 +81,12 @@ class Run:
                                   "Pass resume=<the run directory to continue>.")
         self.c = Components(cfg, registry)
         backend = self.backend = self.c["backend"]
-        for group in ("data", "policy", "reward_model", "reward_head", "generator", "logger"):
-            self.c[group]  # fail on a bad plugin setting now, not stages later
+        for group in registry.groups():
+            if group not in (STAGE_GROUP, "algorithm"):  # an algorithm is built fresh by the stage that runs it
+                self.c[group]  # fail on a bad plugin setting now, not stages later
         if backend.world_size > 1:  # ranks may disagree on ${now:...}: rank 0's directory wins
             run_dir = backend.gather_objects([run_dir])[0]
-        self.run_dir, self.main = run_dir, backend.is_main
+        self.run_dir, self.main = run_dir, backend.is_main  # rank 0 writes and fires the lifecycle hooks
         share = (lambda x: backend.gather_objects([x])[0]) if backend.world_size > 1 else (lambda x: x)
         self.store = CheckpointStore(run_dir, self.settings.checkpoint.keep_last, self.main, share=share, barrier=backend.barrier)
         self.preemption = Preemption()
@@ -95,6 +96,8 @@ class Run:
         self.data = DataView(self.c["data"], self.settings.bad_data, self.out)
         self.stages: list[tuple[str, Stage]] = [
             (name, registry.get(STAGE_GROUP, name).factory(getattr(self.settings, name))) for name in self.settings.stages]
+        self.made = {name for name, _ in self.stages}
+        """The products this run makes (by stage name)."""
         self.products: dict[str, str] = {}
         self.plan()
 
@@ -102,26 +105,24 @@ class Run:
         """Check, before any work, that every stage gets what it needs: each product from
         an earlier stage, ``from_run`` or a pretrained reward model, and its data parts
         from the dataset."""
-        made = {name for name, _ in self.stages}
-        provides = optional(self.c["data"], Dataset, "provides")
-        reward_needs = tuple(self.c["reward"].needs) if any(s.uses_reward for _, s in self.stages) else ()
+        provides, reward_needs = optional(self.c["data"], Dataset, "provides"), tuple(self.c["reward"].needs)
         for i, (name, stage) in enumerate(self.stages):
             missing = [d for d in stage.data if d not in provides]
             if missing:
                 raise ConfigError(f"stages: '{name}' reads {' and '.join(missing)}, which data={self.cfg.data.get('_name_')} "
                                   f"does not have. Give the dataset {' and '.join(missing)}, or drop '{name}' from stages.")
+            earlier = {n for n, _ in self.stages[:i]}
             for need in (*stage.needs, *(reward_needs if stage.uses_reward else ())):
-                earlier = [n for n, _ in self.stages[:i]]
-                if need in made and need not in earlier:
+                if need in self.made and need not in earlier:
                     raise ConfigError(f"stages={self.settings.stages}: '{name}' needs '{need}', which runs after it. "
                                       f"Put '{need}' before '{name}'.")
-                if need not in made:
+                if need not in self.made:
                     self.products[need] = self.external(need)
-        if BASE not in made:
+        if BASE not in self.made:
             self.products[BASE] = self.external(BASE)
         for name, _ in self.stages:
             self.products.setdefault(name, os.path.join(self.run_dir, name))
-        for need in reward_needs or self.c["reward"].needs:  # the proxy column, where the product exists
+        for need in reward_needs:  # for the proxy column too, where the product exists
             if need not in self.products:
                 path = self.external(need, required=False)
                 if path:
@@ -219,11 +220,11 @@ class Run:
         prompts, each loaded from its product: a resumed run scores exactly what an
         uninterrupted one does."""
         ctx = self.context("eval")
-        trained = [ctx.load_policy(name) for name, s in self.stages if s.produces == "policy" and name != BASE]
+        trained = {name: ctx.load_policy(name) for name, s in self.stages if s.produces == "policy" and name != BASE}
         sft = ctx.load_policy(BASE)  # fresh from the products: the stages' own objects may be sharded for training
         self.data.bind(sft)
-        reward, made = self.c["reward"], {name for name, _ in self.stages}
-        if all(n in self.products and (n not in made or os.path.isdir(self.products[n])) for n in reward.needs):
+        reward = self.c["reward"]
+        if all(n in self.products and (n not in self.made or os.path.isdir(self.products[n])) for n in reward.needs):
             reward.setup(ctx, sft.tokenizer)
         else:
             reward = None
@@ -239,14 +240,13 @@ class Run:
         self.out.log("eval", 0, {f"{BASE}/{k}": v for k, v in base.metrics.items()})
         if self.main:
             self.plugins.pm.hook.rlhfkit_log_samples(stage=BASE, step=0, rows=base.rows(n))
-        names = [name for name, s in self.stages if s.produces == "policy" and name != BASE]
-        for i, (name, policy) in enumerate(zip(names, trained)):
+        for i, (name, policy) in enumerate(trained.items()):
             res = ctx.evaluate(policy, sft, reward, prompts, stream=name)
             table["policies"][name] = res.metrics
             vs = versus(res, base)
             if i == 0:
                 table.update(vs)  # the first trained policy's, at the top level
-            if len(names) > 1:
+            if len(trained) > 1:
                 table.setdefault("versus_sft", {})[name] = vs
             self.out.log("eval", 0, {f"{name}/{k}": v for k, v in res.metrics.items()} | (vs if i == 0 else {f"{name}/{k}": v for k, v in vs.items()}))
             if self.main:
