@@ -37,7 +37,8 @@ def _start_and_signal(args, cwd, wait_for, sig):
     proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not os.path.exists(wait_for):
+    ready = wait_for if callable(wait_for) else (lambda: os.path.exists(wait_for))
+    while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
@@ -63,10 +64,18 @@ def test_sigkill_mid_stage_then_resume_matches_the_uninterrupted_run(at, uninter
     assert weights == ref_weights
 
 
+def _rl_started(run_dir):
+    """True once the rl stage has logged a step: a signal then surely lands inside rl, not between stages."""
+    def ready():
+        path = os.path.join(run_dir, "metrics.jsonl")
+        return os.path.exists(path) and '"stage": "rl"' in open(path).read()
+    return ready
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes(uninterrupted, tmp_path):
     run_dir = str(tmp_path / "run")
     rc, _, err = _start_and_signal(ARGS + ["checkpoint.every=100", f"hydra.run.dir={run_dir}"], str(tmp_path),
-                                   os.path.join(run_dir, "rm", "manifest.json"), signal.SIGTERM)
+                                   _rl_started(run_dir), signal.SIGTERM)
     assert rc == 143, err[-2000:]
     assert "SIGTERM" in err and f"resume={run_dir}" in err
     ckpts = os.listdir(os.path.join(run_dir, "checkpoints", "rl"))  # every=100: only the preemption one
@@ -79,7 +88,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes(uninterrupted, t
 def test_ctrl_c_writes_a_checkpoint_and_exits_130_then_resumes(uninterrupted, tmp_path):
     run_dir = str(tmp_path / "run")
     rc, _, err = _start_and_signal(ARGS + ["checkpoint.every=100", f"hydra.run.dir={run_dir}"], str(tmp_path),
-                                   os.path.join(run_dir, "rm", "manifest.json"), signal.SIGINT)
+                                   _rl_started(run_dir), signal.SIGINT)
     assert rc == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "press Ctrl-C again to stop at once" in err
@@ -108,8 +117,8 @@ def test_a_second_ctrl_c_stops_at_once_with_a_one_line_message(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *ARGS, "checkpoint.every=100", f"hydra.run.dir={run_dir}"],
                             cwd=str(tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(run_dir, "rm", "manifest.json")):
+    deadline, ready = time.time() + 300, _rl_started(run_dir)
+    while not ready():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
