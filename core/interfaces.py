@@ -62,6 +62,16 @@ class Comparison:
     """Where the record came from (``file:line``), for error messages."""
 
 
+@dataclass(frozen=True)
+class Check:
+    """What a prompt's response is checked against by a verifiable reward
+    (``reward=python_exec``): a reference ``answer`` and/or ``tests``, Python statements
+    (usually asserts) run after the response, as code-RL datasets ship them."""
+
+    answer: str | None = None
+    tests: tuple[str, ...] = ()
+
+
 DATA_PARTS = ("demonstrations", "comparisons", "prompts")
 """What a dataset may hold: SFT demonstrations, ranked comparisons, RL/evaluation prompts."""
 
@@ -95,7 +105,7 @@ class Dataset(Protocol):
     def prompts(self, split: str) -> list[str]:
         """Prompts for RL (``train``) and evaluation (``test``)."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"bind_tokenizer", "skipped", "sources", "provides"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"bind_tokenizer", "skipped", "sources", "provides", "checks"})
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Called with the policy's tokenizer before a stage reads data (to render chat
@@ -105,6 +115,11 @@ class Dataset(Protocol):
     """Bad records skipped so far, by reason (``bad_data=skip``). Default: none."""
     sources: Mapping[str, str] = MappingProxyType({})
     """prompt -> where it came from (``file:line``), for messages. Default: none."""
+    def checks(self, prompt: str) -> Check | None:
+        """The check data of a prompt (reference answer, tests), for verifiable rewards.
+        Default: None (the dataset has none)."""
+        return None
+
     provides: frozenset[str] = frozenset(DATA_PARTS)
     """Which of :data:`DATA_PARTS` this dataset has, so that a stage list needing what it
     lacks (``stages=[sft,dpo]`` without comparisons) fails before any work. Default: all."""

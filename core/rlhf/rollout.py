@@ -176,6 +176,8 @@ def collect(
             policy, ctx.policy.tokenizer, [prompts[i] for i in mine], ctx.rollout, backend.device,
             uniforms=uniforms[mine], any_alive=any_alive_fn(backend),
         )
+        if not rollout.prompts:  # a third-party generator that does not fill them
+            rollout.prompts = [prompts[i] for i in mine]
         t1 = time.perf_counter()
         recompute = ctx.scoring.recompute_logprobs
         if recompute is None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,6 +28,8 @@ class Rollout:
     logprobs: torch.Tensor  # (B, R): log pi(y_t) at the sampling temperature
     ended: torch.Tensor  # (B,) bool: produced EOS
     responses: list[str]
+    prompts: list[str] = field(default_factory=list)
+    """The prompt of each row, as text (reward functions that check an answer read it)."""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -42,6 +44,7 @@ class Rollout:
             input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx], prompt_width=self.prompt_width,
             response_mask=self.response_mask[idx], logprobs=self.logprobs[idx], ended=self.ended[idx],
             responses=[self.responses[i] for i in idx.tolist()],
+            prompts=[self.prompts[i] for i in idx.tolist()] if self.prompts else [],
         )
 
     def trimmed(self) -> "Rollout":
@@ -54,7 +57,7 @@ class Rollout:
         return Rollout(
             input_ids=self.input_ids[:, left : P + R], attention_mask=self.attention_mask[:, left : P + R],
             prompt_width=P - left, response_mask=self.response_mask[:, :R], logprobs=self.logprobs[:, :R],
-            ended=self.ended, responses=self.responses,
+            ended=self.ended, responses=self.responses, prompts=self.prompts,
         )
 
 
@@ -201,6 +204,7 @@ def sample(
         logprobs=logps,
         ended=ended,
         responses=texts,
+        prompts=list(prompts),
     )
 
 

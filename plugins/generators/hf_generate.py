@@ -77,6 +77,7 @@ class HFGenerator:
             input_ids=torch.cat([ids, response], 1), attention_mask=torch.cat([prompt_mask, response_mask], 1),
             prompt_width=P, response_mask=response_mask, logprobs=logprobs * response_mask,
             ended=(response == eos).any(-1), responses=decode_responses(tokenizer, response, response_mask),
+            prompts=list(prompts),
         )
 
 

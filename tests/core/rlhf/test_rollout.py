@@ -45,6 +45,7 @@ def test_response_logits_project_only_response_positions(rl_ctx):
 def test_trimmed_micro_batches_drop_shared_padding(rl_ctx):
     torch.manual_seed(0)
     exp = collect(rl_ctx, PROMPTS, critic=rl_ctx.reward.rm)
+    assert exp.rollout.prompts == list(PROMPTS)
     for rows, sub in micro_batches(exp, torch.arange(len(PROMPTS)), 3):
         assert sub.rollout.input_ids.shape[0] == len(rows)
         assert bool(sub.rollout.attention_mask[:, 0].any())  # no all-padding first column

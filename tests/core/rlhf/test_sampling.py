@@ -51,6 +51,8 @@ def test_sampling_is_independent_of_batch_composition(tiny_policy):
     whole = sample(model, tok, prompts, cfg, torch.device("cpu"), uniforms=u)
     halves = [sample(model, tok, prompts[i : i + 2], cfg, torch.device("cpu"), uniforms=u[i : i + 2]) for i in (0, 2)]
     assert whole.responses == halves[0].responses + halves[1].responses
+    assert whole.prompts == prompts and whole.select(torch.tensor([2, 0])).prompts == [prompts[2], prompts[0]]
+    assert whole.trimmed().prompts == prompts
 
 
 def test_decoding_continues_while_any_rank_is_alive(tiny_policy):

@@ -122,6 +122,7 @@ def test_hf_generate_engine_agrees_with_kv_cache(policy):
     ours = KVCacheGenerator(KVCacheConfig())(model, tok, PROMPTS, RolloutConfig(max_new_tokens=6), CPU, greedy=True)
     theirs = HFGenerator(HFGenerateConfig())(model, tok, PROMPTS, RolloutConfig(max_new_tokens=6), CPU, greedy=True)
     assert isinstance(theirs.response_ids, torch.Tensor) and isinstance(HFGenerator(HFGenerateConfig()), Generator)
+    assert ours.prompts == theirs.prompts == list(PROMPTS)  # each row's prompt text, for reward functions
     for i in range(len(PROMPTS)):
         n = int(ours.response_mask[i].sum())
         assert int(theirs.response_mask[i].sum()) == n
