@@ -401,10 +401,17 @@ class RewardSource(Protocol):
         hold token ids (``input_ids``, ``attention_mask``) and their text (``prompts``,
         ``responses``)."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"critic_init"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"critic_init", "metrics"})
     critic_init: str | None = None
     """A reward model (a directory) whose weights a value model may start from, as
     InstructGPT's does; None: a fresh value head on the SFT policy. Default: None."""
+
+    def metrics(self) -> dict[str, float]:
+        """What the source measured since the last call (a verifier's failures by reason,
+        an ensemble's disagreement), logged with the RL step's metrics under these names
+        (``reward/...``). The same keys on every call and every rank: they are averaged
+        over ranks. Default: none."""
+        return {}
 
 
 @dataclass

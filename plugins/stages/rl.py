@@ -13,7 +13,8 @@ from rlhfkit.config import RunInfo
 from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import (
-    PolicyLoader, PreferenceOptimizer, RewardModel, RewardModelLoader, RLContext, ScoringConfig, StepResult, optional,
+    PolicyLoader, PreferenceOptimizer, RewardModel, RewardModelLoader, RewardSource, RLContext, ScoringConfig, StepResult,
+    optional,
 )
 from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.memory import enable_gradient_checkpointing
@@ -84,7 +85,7 @@ class RL:
         def step(i: int) -> StepResult:
             t0 = time.time()
             result = algorithm.step([prompts[j] for j in next(batches)])
-            metrics = ctx.out.mean_over_ranks(result.metrics)
+            metrics = ctx.out.mean_over_ranks({**result.metrics, **optional(reward, RewardSource, "metrics")()})
             metrics["perf/step_s"] = time.time() - t0
             if cfg.eval_every and i % cfg.eval_every == 0 and i != cfg.steps:
                 evaluation = ctx.evaluate(policy, reference, reward, eval_prompts, stream=ctx.name)

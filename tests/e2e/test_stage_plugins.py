@@ -77,7 +77,12 @@ class Brevity:
         pass
 
     def __call__(self, rollout):
+        self.rows = getattr(self, "rows", 0) + len(rollout.prompts)
         return -self.cfg.per_token * rollout.response_mask.float().sum(-1)
+
+    def metrics(self):  # optional: logged with each RL step
+        rows, self.rows = getattr(self, "rows", 0), 0
+        return {"reward/brevity_rows": float(rows)}
 
 
 @hookimpl
@@ -120,6 +125,8 @@ def test_third_party_stage_and_reward_source_run_from_the_cli(third_party, tmp_p
     assert not (run_dir / "rm").exists()
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["stage"] == "clone" and "loss/clone" in r] == [1, 2]
+    rl_rows = [r for r in rows if r["stage"] == "rl" and "loss/policy" in r]
+    assert rl_rows and all(r["reward/brevity_rows"] > 0 for r in rl_rows)  # the source's own metrics, logged
     assert (run_dir / "clone" / "manifest.json").is_file()
 
 
