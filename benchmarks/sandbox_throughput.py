@@ -53,6 +53,9 @@ def rollout(rows: list[tuple[str, Check, str]]) -> Rollout:
 
 
 class MixData:
+    def prompts(self, split: str) -> list[str]:
+        return sorted({p for p, _, _ in MIX})
+
     def checks(self, prompt: str) -> Check | None:
         return next(c for p, c, _ in MIX if p == prompt)
 

@@ -47,6 +47,7 @@ class PythonExec:
 
     def __init__(self, cfg: PythonExecConfig):
         self.cfg = cfg
+        self.data: Any = None
         self.checks: Callable[[str], Check | None] = lambda prompt: None
         self.sources: Any = {}
         self.pool: ThreadPoolExecutor | None = None
@@ -55,7 +56,7 @@ class PythonExec:
         self.compiled: set[str] = set()  # prompts whose tests are known to compile
 
     def setup(self, ctx: StageContext, tokenizer: Any) -> None:
-        data = ctx.components["data"]
+        data = self.data = ctx.components["data"]
         self.checks = optional(data, Dataset, "checks")
         self.sources = optional(data, Dataset, "sources")
         # a sandbox that cannot start at all (no user namespaces, an unreadable interpreter)
@@ -73,6 +74,11 @@ class PythonExec:
             raise ValueError("reward=python_exec needs each row's prompt text (Rollout.prompts); the rollout has "
                              f"{len(rollout.prompts)} prompts for {len(rollout.responses)} responses.")
         if self.pool is None:
+            # every prompt's check data, train and test, checked at the first step rather than
+            # failing at the final evaluation (the prompts are read once the stage bound the tokenizer)
+            for split in ("train", "test"):
+                for prompt in self.data.prompts(split):
+                    self.check(prompt)
             self.pool = ThreadPoolExecutor(self.cfg.workers or os.cpu_count() or 1, thread_name_prefix="python_exec")
         checks = [self.check(p) for p in rollout.prompts]
         jobs = [self.pool.submit(run_python, r, c, self.cfg) if c else None for r, c in zip(rollout.responses, checks)]

@@ -77,11 +77,14 @@ def test_the_cli_prints_the_missing_bwrap_error_in_one_line_and_makes_no_run(tmp
 
 
 class CheckedData:
-    """A dataset with check data for some prompts (``Dataset.checks``) and their sources."""
+    """A dataset whose prompts have check data (``Dataset.checks``), but for ``unchecked``."""
 
-    def __init__(self, checks: dict[str, Check]):
-        self._checks = checks
-        self.sources = {p: f"tasks.jsonl:{i + 1}" for i, p in enumerate(checks)}
+    def __init__(self, checks: dict[str, Check], unchecked: tuple[str, ...] = ()):
+        self._checks, self.unchecked = checks, unchecked
+        self.sources = {p: f"tasks.jsonl:{i + 1}" for i, p in enumerate([*checks, *unchecked])}
+
+    def prompts(self, split: str) -> list[str]:
+        return [*self._checks, *self.unchecked] if split == "train" else list(self._checks)
 
     def checks(self, prompt: str) -> Check | None:
         return self._checks.get(prompt)
@@ -102,9 +105,9 @@ def rollout(prompts: list[str], responses: list[str]) -> Rollout:
                    ended=torch.ones(B, dtype=torch.bool), responses=responses, prompts=prompts)
 
 
-def source(checks=CHECKS, **cfg) -> PythonExec:
+def source(checks=CHECKS, unchecked=(), **cfg) -> PythonExec:
     reward = PythonExec(PythonExecConfig(**{"workers": 2, "timeout_s": 2.0, "cpu_s": 1, **cfg}))
-    reward.setup(SimpleNamespace(components={"data": CheckedData(checks)}), tokenizer=None)
+    reward.setup(SimpleNamespace(components={"data": CheckedData(checks, unchecked)}), tokenizer=None)
     return reward
 
 
@@ -139,10 +142,12 @@ def test_rollouts_are_scored_by_their_prompts_checks(isolation):
 
 @needs_bwrap
 def test_a_prompt_without_check_data_is_an_error_or_a_counted_skip():
-    reward = source()
-    with pytest.raises(DataError, match="no answer or tests for the prompt 'tell me a joke'.*reward.missing_check=skip"):
-        reward(rollout(["what is 2*5?", "tell me a joke"], ["10", "no"]))
-    skipping = source(missing_check="skip", failure_reward=-0.25)
+    reward = source(unchecked=("tell me a joke",))
+    # at the first step, whichever prompts it scores: the dataset's every prompt is checked
+    with pytest.raises(DataError, match=r"no answer or tests for the prompt 'tell me a joke' \(tasks.jsonl:4\): .*"
+                                        "reward.missing_check=skip"):
+        reward(rollout(["what is 2*5?"], ["10"]))
+    skipping = source(unchecked=("tell me a joke",), missing_check="skip", failure_reward=-0.25)
     scores = skipping(rollout(["what is 2*5?", "tell me a joke"], ["10", "no"]))
     assert scores.tolist() == [1.0, -0.25]
     metrics = skipping.metrics()
