@@ -19,9 +19,11 @@ last line of stdout, then leaves with ``os._exit(0)``. A response that exits (``
 Isolation (``isolation="bwrap"``)
 ---------------------------------
 bubblewrap runs the harness with no network and fresh IPC/UTS/PID/user/cgroup namespaces,
-the host's root bound read-only, a private size-capped tmpfs as ``/tmp`` (the cwd, HOME
-and TMPDIR) and ``/dev/shm``, no capabilities, no further user namespaces, a scrubbed
-environment (only PATH, HOME, TMPDIR, LANG), its own session, and ``--die-with-parent``.
+only the system directories (:data:`SYSTEM_DIRS`, the interpreter's prefix) bound
+read-only (no home, data, /var or /run: no host files or unix sockets), a private
+size-capped tmpfs as ``/tmp`` (the cwd, HOME and TMPDIR) and ``/dev/shm``, no capabilities,
+no further user namespaces, a scrubbed environment (only PATH, HOME, TMPDIR, LANG), its
+own session, and ``--die-with-parent``.
 When the caller is root, the sandbox runs as an unused uid (:data:`SANDBOX_UID`): a root
 sandbox would still own root's files (``~/.netrc``) and escape RLIMIT_NPROC. Every call
 ends with the sandbox's PID namespace torn down: its init (bwrap's reaper) is killed with
@@ -246,7 +248,7 @@ def run_python(code: str, check: Check, limits: SandboxLimits) -> Verdict:
             if bwrap is None:
                 return Verdict(0, 0, "sandbox_error", f"no bwrap: {INSTALL}", time.monotonic() - t0)
             info = os.pipe()
-            argv, user = _unprivileged([bwrap, *_bwrap_options(limits, info[1]), *argv])
+            argv, user = _unprivileged([bwrap, *_bwrap_options(limits, python, info[1]), *argv])
             env = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(
@@ -283,15 +285,37 @@ def _unprivileged(argv: list[str]) -> tuple[list[str], int | None]:
     return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", *argv], None
 
 
-def _bwrap_options(limits: SandboxLimits, info_fd: int) -> list[str]:
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+"""The host directories the sandbox sees (read-only), with the interpreter's own prefix:
+what a program and the standard library need, and no home, data, /var, /run or sockets."""
+
+
+def _bwrap_options(limits: SandboxLimits, python: str, info_fd: int) -> list[str]:
     size = str(limits.max_file_mb << 20)
     return [
         "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--die-with-parent",
-        "--new-session", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+        "--new-session", *_system_binds(python), "--proc", "/proc", "--dev", "/dev",
         "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm", "--chdir", "/tmp",
         "--clearenv", "--setenv", "PATH", SANDBOX_PATH, "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
         "--setenv", "LANG", "C.UTF-8", "--hostname", "sandbox", "--info-fd", str(info_fd), "--",
     ]
+
+
+def _system_binds(python: str) -> list[str]:
+    """bwrap options that mount :data:`SYSTEM_DIRS` read-only (a merged-/usr symlink as a
+    symlink), and the prefix of ``python`` (``/opt/py311`` for ``/opt/py311/bin/python3``)
+    where it lies outside them."""
+    out: list[str] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            out += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            out += ["--ro-bind", path, path]
+    for exe in (python, os.path.realpath(python)):
+        prefix = os.path.dirname(os.path.dirname(exe))
+        if prefix not in ("", "/") and not any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS):
+            out += ["--ro-bind", prefix, prefix]
+    return out
 
 
 def _communicate(proc: subprocess.Popen, job: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:

@@ -168,8 +168,23 @@ def test_sockets_reach_nothing_outside(nothing_escapes):
 
 
 @needs_bwrap
+def test_sockets_on_host_paths_are_not_there(host_dir, nothing_escapes):
+    path = os.path.join(host_dir, "service.sock")  # a world-writable unix socket, as some services leave
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen()
+        server.settimeout(0.5)
+        v = run_python(f"import socket\nsocket.socket(socket.AF_UNIX).connect({path!r})\n7", Check(answer="7"), limits())
+        assert v.reason == "crash" and "No such file" in v.detail
+        with pytest.raises(socket.timeout):
+            server.accept()
+
+
+@needs_bwrap
 def test_writing_outside_the_sandbox_temp_dir(tmp_path, host_dir, nothing_escapes):
-    for target in (tmp_path / "escaped", os.path.join(host_dir, "escaped")):
+    # the host's /tmp and data directories are not there; the system directories are read-only
+    for target in (tmp_path / "escaped", os.path.join(host_dir, "escaped"), "/usr/lib/escaped", "/etc/escaped"):
         v = run_python(f"open({str(target)!r}, 'w').write('pwned')\n7", Check(answer="7"), limits())
         assert v.reason == "crash" and not os.path.exists(target)
     # its own /tmp is writable, private and gone after the call
@@ -194,13 +209,17 @@ def test_secrets_are_not_readable(monkeypatch, host_dir, nothing_escapes):
     allowed = {"HOME", "LANG", "PATH", "TMPDIR", "PWD", "LC_CTYPE"}
     v = run_python("import os\nenv = dict(os.environ)", Check(tests=(f"assert set(env) <= {allowed}",)), limits())
     assert v.reason is None
-    if os.geteuid() == 0:  # a root caller's own files (~/.netrc) stay root's
-        secret = os.path.join(host_dir, "netrc")
-        with open(secret, "w") as f:
-            f.write(key)
-        os.chmod(secret, stat.S_IRUSR | stat.S_IWUSR)
-        v = run_python(f"open({secret!r}).read()", PASSES, limits())
-        assert v.reason == "crash" and "Permission denied" in v.detail and key not in v.detail
+    # a key in a file: the host's files outside the system directories are not there
+    secret = os.path.join(host_dir, "netrc")
+    with open(secret, "w") as f:
+        f.write(key)
+    os.chmod(secret, stat.S_IRUSR | stat.S_IWUSR | stat.S_IROTH)
+    for path in (secret, os.path.abspath(__file__)):
+        v = run_python(f"open({path!r}).read()", PASSES, limits())
+        assert v.reason == "crash" and "No such file" in v.detail and key not in v.detail
+    if os.geteuid() == 0 and os.path.exists("/etc/shadow"):  # a root caller's sandbox does not run as root
+        v = run_python("open('/etc/shadow').read()", PASSES, limits())
+        assert v.reason == "crash" and "Permission denied" in v.detail
 
 
 @needs_bwrap
