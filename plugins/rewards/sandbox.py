@@ -93,7 +93,7 @@ class SandboxLimits:
     max_output_kb: int = bounded(256, ge=1, le=1 << 20)
     """Output read from the sandbox (stdout + stderr), KiB; past it the sandbox is killed: ``output_limit``."""
     isolation: str = one_of("bwrap", "none")
-    """``bwrap``: bubblewrap (no network, read-only root, private /tmp, PID namespace).
+    """``bwrap``: bubblewrap (no network, read-only system directories only, private /tmp, PID namespace).
     ``none``: a plain subprocess with the same limits, UNSAFE, for trusted code only."""
     bwrap: str = "bwrap"
     """The bubblewrap program (a name looked up on PATH, or a path)."""
