@@ -82,6 +82,13 @@ def test_result_response_answer_and_partial_passes(isolation):
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_the_standard_library_only_unless_site_packages(isolation):
+    code = "import sys\nany(p.endswith(('site-packages', 'dist-packages')) for p in sys.path)"
+    assert run_python(code, Check(answer="False"), limits(isolation)).reason is None
+    assert run_python(code, Check(answer="True"), limits(isolation, site_packages=True)).reason is None
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_the_response_cannot_read_the_job_on_stdin(isolation):
     v = run_python("import sys\nsys.stdin.read()", Check(answer=""), limits(isolation))
     assert (v.passed, v.total, v.reason) == (1, 1, None)  # stdin is empty: the nonce is not there
