@@ -123,7 +123,8 @@ def test_bwrap_refusing_to_start_is_a_sandbox_error(refusing_bwrap):
 
 @needs_bwrap
 @pytest.mark.parametrize("code", ["while True:\n    pass",
-                                  "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"])
+                                  "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass",
+                                  "import time\ntime.sleep(1000)"])  # no CPU used: only the wall time stops it
 def test_infinite_loop(code, nothing_escapes):
     v = run_python(code, PASSES, limits(**FAST))
     assert v.reason == "timeout" and v.score(0.0) == 0.0 and v.seconds < FAST["timeout_s"] + 2
