@@ -24,8 +24,9 @@ Python module; each test then runs in its globals with ``response``, its text, a
 
 The gold labeller scores ``make`` by the same rule, 1.0 or 0.0, without executing anything:
 it parses the response with :mod:`ast` and evaluates only number literals and ``+ - *``
-(unary ``+ -`` too); anything else scores 0. So ``gold`` on ``data=verifiable`` is the
-held-out pass rate.
+(unary ``+ -`` too); anything else scores 0, even where running it would pass
+(``int('3') + 4``: a tiny model's vocabulary cannot write it). So ``gold`` on
+``data=verifiable`` is the held-out pass rate.
 
 The gold labeller scores a response by how many positions match the ideal answer
 (``matches / max(len(response), len(ideal))``; exact match for ``count``), ignoring the
