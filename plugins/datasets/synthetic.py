@@ -65,7 +65,8 @@ FAMILIES = ("copy", "reverse", "sort", "count")
 VERIFIABLE = ("make",)
 """Families whose answers are programs, checked by running them (``data=verifiable``)."""
 MARKER = "!"
-OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+OPERATORS = ("+", "-", "*")
+"""``make``'s operators, in the order :func:`make_solution` tries them."""
 MAKE_NUMBERS = range(1, 10)
 
 
@@ -278,7 +279,7 @@ class SyntheticTasks:
         family = rng.choice(self.cfg.families)
         if family == "make":
             numbers = [str(rng.choice(MAKE_NUMBERS)) for _ in range(rng.randint(self.cfg.make_min_terms, self.cfg.make_max_terms))]
-            ops = [rng.choice(list(OPERATORS)) for _ in numbers[1:]]
+            ops = [rng.choice(OPERATORS) for _ in numbers[1:]]
             return f"make {arithmetic_value(' '.join(make_expression(numbers, ops)))} from {' '.join(numbers)} ="
         n = rng.randint(self.cfg.min_len, self.cfg.max_len)
         args = [rng.choice(self.cfg.alphabet) for _ in range(n)]
