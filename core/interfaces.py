@@ -401,7 +401,7 @@ class RewardSource(Protocol):
         hold token ids (``input_ids``, ``attention_mask``) and their text (``prompts``,
         ``responses``)."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"critic_init", "metrics"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"critic_init", "metrics", "check_data"})
     critic_init: str | None = None
     """A reward model (a directory) whose weights a value model may start from, as
     InstructGPT's does; None: a fresh value head on the SFT policy. Default: None."""
@@ -412,6 +412,11 @@ class RewardSource(Protocol):
         (``reward/...``). The same keys on every call and every rank: they are averaged
         over ranks. Default: none."""
         return {}
+
+    def check_data(self, data: Dataset) -> None:
+        """Called by the run with its dataset before any work: raise a
+        :class:`rlhfkit.errors.ConfigError` naming the fix if the source cannot score with
+        it (``reward=labeller`` on a dataset with no labeller). Default: nothing."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rlhfkit.checkpoint import CheckpointStore, atomic_write_text, remove_tempor
 from rlhfkit.config import validate_run
 from rlhfkit.context import DataView, StageContext
 from rlhfkit.errors import CheckpointError, ConfigError
-from rlhfkit.interfaces import Dataset, RewardModelLoader, Stage, optional
+from rlhfkit.interfaces import Dataset, RewardModelLoader, RewardSource, Stage, optional
 from rlhfkit.loop import Loop, Output
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP, Registry
@@ -106,6 +106,7 @@ class Run:
         an earlier stage, ``from_run`` or a pretrained reward model, and its data parts
         from the dataset."""
         provides, reward_needs = optional(self.c["data"], Dataset, "provides"), tuple(self.c["reward"].needs)
+        optional(self.c["reward"], RewardSource, "check_data")(self.c["data"])
         for i, (name, stage) in enumerate(self.stages):
             missing = [d for d in stage.data if d not in provides]
             if missing:
