@@ -18,6 +18,14 @@ ranked              ``{"prompt": ..., "responses": [...], "ranking": [1, 2, 2, 3
 prompt              ``{"prompt": ...}`` (RL prompts)
 =================== ==================================================================
 
+Any record with a prompt may carry **check data** for verifiable rewards
+(``reward=python_exec``): a reference ``answer`` (a string or a number) and/or ``tests``, a
+list of Python statements (usually asserts) run after the response, as code-RL datasets
+ship them (MBPP: ``data.fields.prompt=text data.fields.completion=code
+data.fields.tests=test_list``). :meth:`FileData.checks` returns them by prompt (the first
+record's, if a prompt occurs twice). Tests that are not a list of strings, a test that is
+not valid Python, or an answer that is neither a string nor a number make the record bad.
+
 ``data.fields.<name>=<your field>`` maps field names (``data.fields.prompt=question``).
 Chat messages are rendered with the policy tokenizer's chat template when it has one,
 else as Human/Assistant turns. A record that does not fit is an error naming the file,
@@ -33,6 +41,7 @@ the tokenizer's chat template.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -45,7 +54,7 @@ from rlhfkit import hookimpl
 from rlhfkit.config import BadData
 from rlhfkit.data import DataIssues, special_tokens
 from rlhfkit.errors import ConfigError, DataError
-from rlhfkit.interfaces import Comparison, Example, Sampler
+from rlhfkit.interfaces import Check, Comparison, Example, Sampler
 from rlhfkit.settings import bounded, one_of
 
 FORMATS = ("auto", "prompt_completion", "messages", "pairs", "hh", "ranked", "prompt")
@@ -65,6 +74,8 @@ class FieldNames:
     responses: str = "responses"
     ranking: str = "ranking"
     scores: str = "scores"
+    answer: str = "answer"
+    tests: str = "tests"
 
 
 @dataclass
@@ -118,6 +129,7 @@ class FileData:
         self._special_re: re.Pattern[str] | None = None
         self._cache: dict[tuple[str, str], Any] = {}
         self.sources: dict[str, str] = {}
+        self._checks: dict[str, Check] = {}
         self._records: dict[tuple[str, str, str], list[Record]] = {}
 
     # -- the Dataset protocol --------------------------------------------------------------
@@ -176,6 +188,14 @@ class FileData:
 
     def prompts(self, split: str) -> list[str]:
         return self._parsed(self.cfg.prompts or self.cfg.path, split)["prompts"]
+
+    def checks(self, prompt: str) -> Check | None:
+        """The reference answer and tests the records gave ``prompt`` (the first record's),
+        or None."""
+        if prompt not in self._checks:
+            for split in ("train", "test"):  # parse every source once (cached)
+                self.sft_examples(split), self.comparisons(split, lambda p, n: []), self.prompts(split)
+        return self._checks.get(prompt)
 
     # -- parsing --------------------------------------------------------------------------
 
@@ -282,9 +302,36 @@ class FileData:
             return bad(where, "unrecognised record", f"fields {sorted(rec)[:8]}; expected one of the formats in data.format "
                        "(map your field names with data.fields.<name>=<field>)")
         try:
-            return getattr(self, f"_parse_{fmt}")(where, rec)
+            item = getattr(self, f"_parse_{fmt}")(where, rec)
+            check = self._check(rec)
         except _Bad as exc:
             return bad(where, exc.reason, exc.detail)
+        if check is not None:
+            self._checks.setdefault(item if isinstance(item, str) else item.prompt, check)
+        return item
+
+    def _check(self, rec: dict[str, Any]) -> Check | None:
+        """The record's check data (``answer``, ``tests``), or None if it has none."""
+        answer, tests = self._get(rec, "answer"), self._get(rec, "tests")
+        if answer is None and tests is None:
+            return None
+        aname, tname = self._name("answer"), self._name("tests")
+        if answer is not None:
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or (
+                    isinstance(answer, float) and not math.isfinite(answer)):
+                raise _Bad(f"field '{aname}' is not a string or a number", f"got {type(answer).__name__}")
+            answer = answer if isinstance(answer, str) else str(answer)
+        if tests is not None:
+            if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+                raise _Bad(f"field '{tname}' is not a list of strings",
+                           f"got {type(tests).__name__}" + ("" if not isinstance(tests, list) else " with a non-string item"))
+            for i, test in enumerate(tests):
+                try:
+                    ast.parse(test)
+                except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
+                    raise _Bad(f"test in field '{tname}' is not valid Python",
+                               f"item {i}: {getattr(exc, 'msg', exc)}") from None
+        return Check(answer=answer, tests=tuple(tests or ()))
 
     def _text(self, rec: dict[str, Any], name: str, what: str = "field") -> str:
         value = self._get(rec, name)

@@ -5,6 +5,29 @@ Task families (``copy``, ``reverse``, ``sort``, ``count``) over a small alphabet
     prompt:   "reverse c a f ="        ideal response: "f a c"
     prompt:   "count a in c a b a ="   ideal response: "2"
 
+and the **verifiable** family ``make`` (``data=verifiable`` selects it alone; not in the
+default mix), whose answers are short programs::
+
+    prompt:   "make 7 from 3 4 ="      ideal response: "3 + 4"
+    prompt:   "make 19 from 3 4 7 ="   ideal response: "3 * 4 + 7"
+
+Two or three numbers 1-9 (``make_min_terms``..``make_max_terms``), joined in the given
+order by ``+ - *`` (Python precedence); the target is the value of a random such
+expression. Any Python expression whose value is the target and whose numbers are exactly
+the given ones (in any order) is correct. :meth:`SyntheticTasks.checks` gives each ``make``
+prompt tests in the sandbox convention of ``reward=python_exec`` (the response runs as a
+Python module; each test then runs in its globals with ``response``, its text, and
+``result``, the value of its last statement if that is an expression, else None)::
+
+    assert result == 7
+    assert sorted(map(int, __import__('re').findall(r'\\d+', response))) == [3, 4]
+
+The gold labeller scores ``make`` by the same rule, 1.0 or 0.0, without executing anything:
+it parses the response with :mod:`ast` and evaluates only number literals and ``+ - *``
+(unary ``+ -`` too); anything else scores 0, even where running it would pass
+(``int('3') + 4``: a tiny model's vocabulary cannot write it). So ``gold`` on
+``data=verifiable`` is the held-out pass rate.
+
 The gold labeller scores a response by how many positions match the ideal answer
 (``matches / max(len(response), len(ideal))``; exact match for ``count``), ignoring the
 politeness marker ``!``.
@@ -15,27 +38,43 @@ demonstrations carry 0, 1 or 2 markers, so in the reward model's training data m
 markers always rank higher; a reward model learns "more ``!`` is better" and an RL policy
 optimised hard against it (no KL penalty) spams markers: proxy reward keeps rising while
 gold reward peaks and falls.
+
+The flaw is **off for** ``make``: its demonstrations carry no marker and the labeller gives
+no bonus, because ``3 + 4 !`` is not valid Python and fails the tests; gold and the
+sandbox's tests agree on every response.
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
+import operator
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rlhfkit import hookimpl
-from rlhfkit.interfaces import Comparison, Example, Sampler
+from rlhfkit.errors import ConfigError
+from rlhfkit.interfaces import Check, Comparison, Example, Sampler
 from rlhfkit.settings import Invalid, bounded, check_values
 
 FAMILIES = ("copy", "reverse", "sort", "count")
+"""The default mix."""
+VERIFIABLE = ("make",)
+"""Families whose answers are programs, checked by running them (``data=verifiable``)."""
 MARKER = "!"
+OPERATORS = ("+", "-", "*")
+"""``make``'s operators, in the order :func:`make_solution` tries them."""
+MAKE_NUMBERS = range(1, 10)
 
 
 @dataclass
 class SyntheticConfig:
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    """Task families to mix: any of copy, reverse, sort, count."""
+    """Task families to mix: any of copy, reverse, sort, count, make (verifiable: arithmetic
+    expressions checked by running them)."""
     alphabet: str = "abcdefgh"
     """Symbols the tasks are written in."""
     min_len: int = bounded(3, ge=1, le=9)
@@ -54,17 +93,101 @@ class SyntheticConfig:
     """Probability that a demonstration ends with 0, 1, 2... politeness markers."""
     seed: int = bounded(1234, ge=0)
     """Seed of the generated data (fixed across run seeds by default)."""
+    make_min_terms: int = bounded(2, ge=2, le=4)
+    """``make``: fewest numbers in a prompt."""
+    make_max_terms: int = bounded(3, ge=2, le=4)
+    """``make``: most numbers in a prompt."""
 
     def validate(self, run: Any = None) -> None:
-        unknown = set(self.families) - set(FAMILIES)
+        unknown = set(self.families) - set(FAMILIES + VERIFIABLE)
         if unknown or not self.families:
-            raise Invalid("families", self.families, f"unknown {sorted(unknown)}; choose from {list(FAMILIES)}")
+            raise Invalid("families", self.families, f"unknown {sorted(unknown)}; choose from {list(FAMILIES + VERIFIABLE)}")
+        if self.make_min_terms > self.make_max_terms:
+            raise Invalid("make_min_terms", self.make_min_terms, f"must be <= make_max_terms ({self.make_max_terms})")
         if self.min_len > self.max_len:
             raise Invalid("min_len", self.min_len, f"must be <= max_len ({self.max_len})")
         if self.k_min > self.k_max:
             raise Invalid("k_min", self.k_min, f"must be <= k_max ({self.k_max})")
         if any(p < 0 for p in self.marker_probs) or not sum(self.marker_probs) > 0:
             raise Invalid("marker_probs", self.marker_probs, "must be non-negative with a positive sum")
+
+
+def make_expression(numbers: Sequence[str], ops: Sequence[str]) -> list[str]:
+    """``3 4``, ``*`` -> ``["3", "*", "4"]``."""
+    out = [numbers[0]]
+    for op, n in zip(ops, numbers[1:]):
+        out += [op, n]
+    return out
+
+
+def make_solution(numbers: Sequence[str], target: str) -> list[str]:
+    """The first expression over ``numbers`` in their order (operators tried in the order
+    ``+ - *``) whose value is ``target``."""
+    for ops in itertools.product(OPERATORS, repeat=len(numbers) - 1):
+        expr = make_expression(numbers, ops)
+        if arithmetic_value(" ".join(expr)) == int(target):
+            return expr
+    raise ValueError(f"no expression over {list(numbers)} makes {target}")
+
+
+def make_targets(min_terms: int, max_terms: int) -> list[int]:
+    """Every target a ``make`` prompt can ask for, sorted."""
+    out = set()
+    for n in range(min_terms, max_terms + 1):
+        for numbers in itertools.product(map(str, MAKE_NUMBERS), repeat=n):
+            for ops in itertools.product(OPERATORS, repeat=n - 1):
+                out.add(arithmetic_value(" ".join(make_expression(numbers, ops))))
+    return sorted(out)
+
+
+def arithmetic_value(text: str) -> int | float | None:
+    """The value of ``text`` if it is one Python expression made only of number literals and
+    ``+ - *`` (binary, or unary ``+ -``), else None. Evaluated on the syntax tree: nothing in
+    ``text`` is executed."""
+    try:
+        tree = ast.parse(text, mode="exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL byte
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return None
+    try:
+        return _value(tree.body[0].value)
+    except RecursionError:
+        return None
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def _value(node: ast.expr) -> int | float | None:
+    if isinstance(node, ast.Constant):
+        return node.value if type(node.value) in (int, float, bool) else None  # as Python: True + 6 == 7
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _value(node.left), _value(node.right)
+        return None if left is None or right is None else _BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        operand = _value(node.operand)
+        return None if operand is None else _UNARY[type(node.op)](operand)
+    return None
+
+
+def numbers_in(text: str) -> list[int]:
+    """The unsigned integers written in ``text``, sorted (the tests' ``re.findall(r'\\d+')``)."""
+    return sorted(int(x) for x in re.findall(r"\d+", text))
+
+
+def make_tests(numbers: Sequence[str], target: str) -> tuple[str, ...]:
+    """A ``make`` prompt's tests, in ``reward=python_exec``'s convention (see the module doc)."""
+    return (f"assert result == {int(target)}",
+            f"assert sorted(map(int, __import__('re').findall(r'\\d+', response))) == {sorted(map(int, numbers))}")
+
+
+def make_score(response: str, numbers: Sequence[str], target: str) -> float:
+    """1.0 if ``response`` passes :func:`make_tests`, else 0.0, decided without running it."""
+    value = arithmetic_value(response)
+    ok = value is not None and value == int(target) and numbers_in(response) == sorted(map(int, numbers))
+    return float(ok)
 
 
 def ideal_response(family: str, args: list[str], target: str | None = None) -> list[str]:
@@ -76,6 +199,8 @@ def ideal_response(family: str, args: list[str], target: str | None = None) -> l
         return sorted(args)
     if family == "count":
         return [str(args.count(target))]
+    if family == "make":
+        return make_solution(args, target)
     raise ValueError(family)
 
 
@@ -84,7 +209,7 @@ def parse_prompt(prompt: str) -> tuple[str, list[str], str | None]:
     if not toks or toks[-1] != "=":
         raise ValueError(f"not a synthetic prompt: {prompt!r}")
     family = toks[0]
-    if family == "count":  # count <t> in a b c =
+    if family in ("count", "make"):  # count <t> in a b c =   make <target> from 3 4 =
         return family, toks[3:-1], toks[1]
     return family, toks[1:-1], None
 
@@ -98,6 +223,8 @@ class GoldLabeller:
 
     def score_one(self, prompt: str, response: str) -> float:
         family, args, target = parse_prompt(prompt)
+        if family == "make":  # pass or fail, no markers (see the module doc)
+            return make_score(response, args, target)
         ideal = ideal_response(family, args, target)
         toks = response.split()
         content = [t for t in toks if t != MARKER]
@@ -130,13 +257,30 @@ class SyntheticTasks:
 
     def vocabulary(self) -> list[str]:
         digits = [str(i) for i in range(10)]
-        return list(FAMILIES) + ["in", "=", MARKER] + list(self.cfg.alphabet) + digits
+        words = list(FAMILIES) + ["in", "=", MARKER] + list(self.cfg.alphabet) + digits
+        if "make" in self.cfg.families:  # only then: the default suite's tokenizer stays as it was
+            targets = make_targets(self.cfg.make_min_terms, self.cfg.make_max_terms)
+            words += ["make", "from", *OPERATORS] + [str(t) for t in targets if str(t) not in digits]
+        return words
+
+    def checks(self, prompt: str) -> Check | None:
+        """A prompt's ideal answer; for ``make``, its tests too (see the module doc)."""
+        try:
+            family, args, target = parse_prompt(prompt)
+            ideal = " ".join(ideal_response(family, args, target))
+        except ValueError:
+            return None  # not one of this suite's prompts
+        return Check(answer=ideal, tests=make_tests(args, target) if family == "make" else ())
 
     def _rng(self, split: str, purpose: int) -> random.Random:
         return random.Random(self.cfg.seed * 1000 + self._split_offset[split] * 100 + purpose)
 
     def _make_prompt(self, rng: random.Random) -> str:
         family = rng.choice(self.cfg.families)
+        if family == "make":
+            numbers = [str(rng.choice(MAKE_NUMBERS)) for _ in range(rng.randint(self.cfg.make_min_terms, self.cfg.make_max_terms))]
+            ops = [rng.choice(OPERATORS) for _ in numbers[1:]]
+            return f"make {arithmetic_value(' '.join(make_expression(numbers, ops)))} from {' '.join(numbers)} ="
         n = rng.randint(self.cfg.min_len, self.cfg.max_len)
         args = [rng.choice(self.cfg.alphabet) for _ in range(n)]
         if family == "count":
@@ -145,11 +289,16 @@ class SyntheticTasks:
 
     def _prompts(self, n: int, split: str, purpose: int = 0) -> list[str]:
         rng = self._rng(split, purpose)
-        out = []
+        out, tries = [], 0
         while len(out) < n:
             p = self._make_prompt(rng)
             if split == "test" or p not in self._test:  # held-out prompts never train
                 out.append(p)
+            tries += 1
+            if tries > 100 * n + 10_000:
+                raise ConfigError(f"data: the held-out prompts (data.num_test_prompts={self.cfg.num_test_prompts}) use "
+                                  f"up nearly every prompt of families={list(self.cfg.families)}: lower "
+                                  "data.num_test_prompts or widen the tasks (lengths, terms).")
         return out
 
     def sft_examples(self, split: str) -> list[Example]:
@@ -157,7 +306,11 @@ class SyntheticTasks:
         rng = self._rng(split, 1)
         out = []
         for prompt in self._prompts(n, split, purpose=2):
-            ideal = ideal_response(*parse_prompt(prompt))
+            family, args, target = parse_prompt(prompt)
+            ideal = ideal_response(family, args, target)
+            if family == "make":  # a marker would make the program invalid
+                out.append(Example(prompt, " ".join(ideal)))
+                continue
             markers = rng.choices(range(len(self.cfg.marker_probs)), weights=self.cfg.marker_probs)[0]
             out.append(Example(prompt, " ".join(ideal + [MARKER] * markers)))
         return out

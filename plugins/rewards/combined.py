@@ -78,14 +78,13 @@ def term_configs(cfg: CombinedRewardConfig, reg: Registry) -> dict[str, Any]:
                           f"'reward.options={{{name}: {{<field>: <value>}}}}'")
     out = {}
     for name in terms:
-        entry, path = reg.get(GROUP, name), f"options.{name}"
-        node = OmegaConf.create({**options.get(name, {}), NAME_KEY: name})
+        path = f"reward.options.{name}"
+        node = OmegaConf.create({**options.get(name, {}), NAME_KEY: name})  # as if it were reward=<name>
         try:
-            check_keys(node, entry.stored_schema, f"reward.{path}")
-            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.stored_schema), node))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"reward.{path}: {str(exc).splitlines()[0]}") from None
-        out[name] = config
+            check_keys(node, reg.get(GROUP, name).stored_schema, path)
+            out[name] = reg.config_of(GROUP, node)[1]
+        except OmegaConfBaseException as exc:  # a value of the wrong type
+            raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     return out
 
 

@@ -59,7 +59,7 @@ class FormatRewardConfig:
     def validate(self, run: Any = None) -> None:
         if not self.pattern:
             raise Invalid("pattern", self.pattern, "give the regular expression responses must match "
-                          "(quote it on the command line: 'reward.pattern=\\d+')")
+                          "(quote it on the command line: 'reward.pattern=\"\\d+ [-+*] \\d+\"')")
         try:
             re.compile(self.pattern)
         except re.error as exc:

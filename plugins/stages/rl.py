@@ -66,7 +66,7 @@ class RL:
         tracked = TrackingBackend(backend)  # the engines the algorithm prepares are checkpointed and guarded
         rl = RLContext(
             policy=policy, reference=reference, reward=reward, backend=tracked, rollout=ctx.rollout,
-            make_critic=lambda: self.critic(ctx, reward.critic_init),
+            make_critic=lambda: self.critic(ctx, optional(reward, RewardSource, "critic_init")),
             demonstrations=lambda: [e for e, _, _ in ctx.data.demonstrations(tok, whole=True)],
             seed=ctx.seed, generate=ctx.components["generator"], scoring=cfg.scoring,
             more_prompts=lambda: [prompts[j] for j in next(batches)],  # the step's own stream (both bound below)

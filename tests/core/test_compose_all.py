@@ -33,7 +33,8 @@ def clean_dist_env(monkeypatch):
 
 
 # options that need a setting to build (files are read lazily, so none need to exist)
-REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"]}
+REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"],
+            ("reward", "format"): ["reward.pattern=x"], ("reward", "combined"): ["reward.terms={model: 1.0, length: 0.5}"]}
 
 
 @pytest.mark.parametrize("group,name", _options())

@@ -21,7 +21,8 @@ from rlhfkit.settings import ALLOWED, show
 from ..helpers import SMOKE, compose, run_cli
 
 # options that need a setting to compose into a valid run
-REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"]}
+REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"],
+            ("reward", "format"): ["reward.pattern=x"]}
 
 
 @pytest.fixture(autouse=True)

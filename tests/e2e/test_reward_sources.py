@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 
 def test_labeller_reward_runs_rl_with_no_reward_model(tmp_path):
     run_dir = tmp_path / "run"
-    r = run_cli(SMOKE + ["stages=[sft,rl]", "reward=labeller", "algorithm=rloo", f"hydra.run.dir={run_dir}"],
+    # ppo: its value model is a fresh head on SFT (the source has no reward model: no critic_init)
+    r = run_cli(SMOKE + ["stages=[sft,rl]", "reward=labeller", f"hydra.run.dir={run_dir}"],
                 cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (run_dir / "rm").exists()
