@@ -100,7 +100,8 @@ def test_builtins_register_through_entry_points():
     assert {"ppo", "a2c", "rloo", "grpo"} <= set(registry.names("algorithm"))
     assert {"last_token", "mean_pool", "mlp"} <= set(registry.names("reward_head"))
     assert registry.get("algorithm", "ppo").package == "rlhfkit"
-    assert registry.names("stage") == ["rl", "rm", "sft"] and {"model", "labeller", "combined", "length", "format"} <= set(registry.names("reward"))
+    assert registry.names("stage") == ["rl", "rm", "sft"] and {"model", "labeller", "combined", "length", "format", "python_exec"} <= set(registry.names("reward"))
+    assert registry.get("reward", "python_exec").package == "rlhfkit"
 
 
 def test_one_table_makes_the_hooks_and_the_run_config_fields():
