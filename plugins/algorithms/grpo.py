@@ -335,13 +335,13 @@ class GRPO:
             logprobs, _ = response_logprobs(self.policy, sub.rollout, ctx.rollout.temperature)  # (b, R)
             ratio = importance_ratio(logprobs, sub.logprobs, mask, cfg.ratio_level)  # (b, R) or (b, 1)
             token_loss, clipped = clipped_objective(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
-            token_loss = token_loss.expand_as(mask)
+            L = ctx.rollout.max_new_tokens
+            pg_loss = aggregate(token_loss.expand_as(mask), mask, cfg.loss_agg, L, denom=m.denom)
             kl = k3_kl(logprobs, sub.ref_logprobs)  # (b, R)
-            if cfg.kl_in == "loss" and self.kl.value > 0:
-                token_loss = token_loss + self.kl.value * kl
-            loss = aggregate(token_loss, mask, cfg.loss_agg, ctx.rollout.max_new_tokens, denom=m.denom)
+            kl_loss = aggregate(kl, mask, cfg.loss_agg, L, denom=m.denom)  # aggregated like the surrogate
+            loss = pg_loss + self.kl.value * kl_loss if cfg.kl_in == "loss" else pg_loss
         return [loss], {
-            "loss/policy": loss.item(),
+            "loss/policy": pg_loss.item(), "loss/kl": kl_loss.item(), "loss/total": loss.item(),
             "grpo/clip_frac": masked_mean(clipped.expand_as(mask).float(), mask).item(),
             "grpo/kl": masked_mean(kl.detach(), mask).item(),  # k3 per token, under the current policy
             "grpo/ratio": masked_mean(ratio.detach().expand_as(mask), mask).item(),

@@ -264,3 +264,22 @@ def test_variant_presets_compose_into_the_grpo_plugin(preset, expected, monkeypa
     validate_run(cfg, setup()[1])
     assert cfg.algorithm._name_ == "grpo"
     assert {k: cfg.algorithm[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("kl_in", ["loss", "reward"])
+def test_k3_kl_term_of_the_loss(rl_ctx, kl_in):
+    from rlhfkit.rlhf.minibatch import MicroBatch
+    from rlhfkit.rlhf.rollout import collect
+
+    algo = GRPO(GRPOConfig(num_generations=2, kl_coef=0.5, kl_in=kl_in))
+    algo.setup(rl_ctx)
+    torch.manual_seed(0)
+    exp = collect(rl_ctx, ["copy a b =", "copy a b ="])
+    exp.ref_logprobs = (exp.logprobs - 0.1) * exp.mask  # the reference 0.1 nats below the policy on every token
+    rows = torch.arange(2)
+    _, m = algo.loss(MicroBatch(rows, exp.select(rows).trimmed(), 2.0, True), torch.tensor([1.0, -1.0]))
+    k3 = math.exp(-0.1) + 0.1 - 1  # GRPO eq. 4 with pi_ref / pi = e^-0.1
+    assert m["loss/kl"] == pytest.approx(k3, rel=1e-3)  # per-token mean of a constant
+    assert m["loss/policy"] == pytest.approx(0.0, abs=1e-5)  # ratio 1: -mean(A) = 0
+    expected = m["loss/policy"] + (0.5 * k3 if kl_in == "loss" else 0.0)
+    assert m["loss/total"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
