@@ -443,6 +443,11 @@ class RLContext:
     """The rollout engine (``generator=...``); None: the built-in KV-cache sampler."""
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig())
     """Micro-batching of the scoring and training passes."""
+    more_prompts: Callable[[], list[str]] | None = None
+    """The next batch of training prompts (as many as a step gets) from the stage's own
+    seeded stream, which is checkpointed with the run: for algorithms that draw extra
+    prompts within a step (DAPO's dynamic sampling). Every rank gets the same prompts, so
+    every rank must call it equally often. None: no extra prompts."""
 
 
 @runtime_checkable

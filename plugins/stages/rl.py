@@ -69,6 +69,7 @@ class RL:
             make_critic=lambda: self.critic(ctx, optional(reward, RewardSource, "critic_init")),
             demonstrations=lambda: [e for e, _, _ in ctx.data.demonstrations(tok, whole=True)],
             seed=ctx.seed, generate=ctx.components["generator"], scoring=cfg.scoring,
+            more_prompts=lambda: [prompts[j] for j in next(batches)],  # the step's own stream (both bound below)
         )
         algorithm: PreferenceOptimizer = ctx.components.fresh("algorithm")
         algorithm.setup(rl)
@@ -84,7 +85,7 @@ class RL:
 
         def step(i: int) -> StepResult:
             t0 = time.time()
-            result = algorithm.step([prompts[j] for j in next(batches)])
+            result = algorithm.step(rl.more_prompts())
             metrics = ctx.out.mean_over_ranks({**result.metrics, **optional(reward, RewardSource, "metrics")()})
             metrics["perf/step_s"] = time.time() - t0
             if cfg.eval_every and i % cfg.eval_every == 0 and i != cfg.steps:

@@ -97,7 +97,7 @@ def test_registration_hook(plugins, group, hook):
 
 def test_builtins_register_through_entry_points():
     registry = Registry.from_plugins(load_plugins())
-    assert {"ppo", "a2c"} <= set(registry.names("algorithm"))
+    assert {"ppo", "a2c", "rloo", "grpo"} <= set(registry.names("algorithm"))
     assert {"last_token", "mean_pool", "mlp"} <= set(registry.names("reward_head"))
     assert registry.get("algorithm", "ppo").package == "rlhfkit"
     assert registry.names("stage") == ["rl", "rm", "sft"]
@@ -128,7 +128,7 @@ def test_unknown_name_lists_choices_and_closest_match():
     with pytest.raises(UnknownPluginError) as e:
         registry.get("algorithm", "ppoo")
     msg = str(e.value)
-    assert "Did you mean 'ppo'?" in msg and "a2c, ppo" in msg
+    assert "Did you mean 'ppo'?" in msg and "a2c, grpo, ppo" in msg
 
 
 def test_duplicate_name_names_both_packages(plugins):

@@ -128,3 +128,48 @@ def test_a2c_under_zero2(tmp_path):
     run_dir = str(tmp_path / "a2c")
     torchrun(SMOKE + ["algorithm=a2c", "backend=zero2", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
     assert "rl" in json.load(open(os.path.join(run_dir, "eval.json")))["policies"]
+
+
+# --- grpo: critic-free groups on one rank; dynamic sampling refills the same slots on every world size ---
+
+GRPO = SMOKE + ["sft.steps=8", "rl.steps=3", "rl.log_every=1", "reward=labeller", "algorithm=grpo",
+                "algorithm.num_generations=2"]
+GRPO_CASES = {"grpo": [], "grpo_dynamic": ["algorithm.dynamic_sampling=true"]}
+
+
+def grpo_trajectory(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    keys = ("loss/policy", "rollout/kl", "reward/proxy", "grpo/zero_std_groups", "grpo/refill_rounds")
+    got = {k: [r[k] for r in rows if r["stage"] == "rl" and k in r] for k in keys}
+    got["eval"] = json.load(open(os.path.join(run_dir, "eval.json")))["policies"]["rl"]
+    return got
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(tmp_path_factory):
+    """One process: SFT, then RL for each case from that SFT."""
+    root = tmp_path_factory.mktemp("grpo")
+    out = {}
+    for case, extra in GRPO_CASES.items():
+        run_dir = str(root / case)
+        r = run_cli(GRPO + extra + ["stages=[sft,rl]", f"hydra.run.dir={run_dir}"], cwd=str(root))
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[case] = run_dir, grpo_trajectory(run_dir)
+    return out
+
+
+@pytest.mark.parametrize("case,backend", [("grpo", "ddp"), ("grpo_dynamic", "zero2")])
+def test_grpo_two_ranks_follow_the_single_process_trajectory(case, backend, grpo_reference, tmp_path):
+    ref_dir, ref = grpo_reference[case]
+    run_dir = str(tmp_path / backend)
+    torchrun(GRPO + GRPO_CASES[case] + ["stages=[rl]", f"from_run={ref_dir}", f"backend={backend}",
+                                        f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
+    got = grpo_trajectory(run_dir)
+    if case == "grpo_dynamic":
+        assert sum(ref["grpo/refill_rounds"]) > 0  # groups were dropped and refilled
+    for key in ref:
+        if key == "eval":
+            assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=2e-4)
+        else:
+            assert len(got[key]) == len(ref[key]) == 3, key
+            assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=2e-4), key
