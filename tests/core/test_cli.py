@@ -37,7 +37,7 @@ def test_valid_choices_and_presets_pass(registry):
 def test_cli_unknown_plugin_exit_code_and_message(tmp_path):
     r = run_cli(["algorithm=ppx"], cwd=str(tmp_path))
     assert r.returncode == 2
-    assert "Unknown algorithm 'ppx'. Did you mean 'ppo'?" in r.stderr and "a2c, ppo" in r.stderr
+    assert "Unknown algorithm 'ppx'. Did you mean 'ppo'?" in r.stderr and "a2c, grpo, grpo_dapo, grpo_dr, grpo_gspo, ppo, rloo" in r.stderr
     assert not (tmp_path / "outputs").exists()  # no work started
 
 
