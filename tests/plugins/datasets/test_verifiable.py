@@ -12,7 +12,7 @@ import pytest
 
 from rlhfkit.interfaces import Check
 from rlhfkit.plugins.datasets.synthetic import (
-    FAMILIES, GoldLabeller, SyntheticConfig, SyntheticTasks, arithmetic_value, make_targets, parse_prompt,
+    FAMILIES, GoldLabeller, SyntheticConfig, SyntheticTasks, arithmetic_value, ideal_response, make_targets, parse_prompt,
 )
 
 
@@ -44,15 +44,15 @@ def test_ideal_answers_pass_their_own_tests(make):
     assert {len(parse_prompt(e.prompt)[1]) for e in examples} == {2, 3}
     for e in examples:
         check = make.checks(e.prompt)
-        assert check.answer == e.response and len(check.tests) == 2
+        assert check.answer is None and len(check.tests) == 2  # a correct response scores 2/2 under python_exec
         assert run_tests(e.response, check.tests), e
         assert make.labeller.score_one(e.prompt, e.response) == 1.0
     for p in make.prompts("train")[:50] + make.prompts("test"):
-        assert run_tests(make.checks(p).answer, make.checks(p).tests)
+        assert run_tests(" ".join(ideal_response(*parse_prompt(p))), make.checks(p).tests)
 
 
 def test_check_convention_and_other_families(make):
-    assert make.checks("make 7 from 3 4 =") == Check(answer="3 + 4", tests=(
+    assert make.checks("make 7 from 3 4 =") == Check(tests=(
         "assert result == 7", "assert sorted(map(int, __import__('re').findall(r'\\d+', response))) == [3, 4]"))
     assert make.checks("reverse c a f =") == Check(answer="f a c", tests=())
     assert make.checks("not a prompt of this suite") is None
@@ -125,3 +125,15 @@ def test_too_few_prompts_for_the_held_out_share_is_a_config_error():
     with pytest.raises(ConfigError, match="lower data.num_test_prompts"):
         SyntheticTasks(SyntheticConfig(families=["make"], make_max_terms=2, num_test_prompts=2000, num_demonstrations=10))\
             .sft_examples("train")
+
+
+def test_a_correct_make_answer_scores_full_marks_under_python_exec(make):
+    """Every check of a make prompt passes for any right expression (no reference text to
+    compare a value with), and a wrong one fails the value test."""
+    from rlhfkit.plugins.rewards.sandbox import SandboxLimits, run_python
+
+    limits = SandboxLimits(isolation="none")
+    check = make.checks("make 7 from 3 4 =")
+    right, wrong = run_python("4 + 3", check, limits), run_python("3 * 4", check, limits)
+    assert (right.passed, right.total, right.score(0.0)) == (2, 2, 1.0)
+    assert (wrong.passed, wrong.total) == (1, 2)
