@@ -61,7 +61,7 @@ def group_mean(per_pair: torch.Tensor, group: torch.Tensor, n_groups: int,
     ``denom`` replaces the number of groups with pairs (see
     :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
     group = group.to(per_pair.device)
-    counts = torch.zeros(n_groups, device=per_pair.device).index_add_(0, group, torch.ones_like(per_pair))
+    counts = torch.zeros(n_groups, device=per_pair.device).index_add_(0, group, torch.ones(len(per_pair), device=per_pair.device))
     per_group = torch.zeros(n_groups, device=per_pair.device, dtype=per_pair.dtype).index_add_(0, group, per_pair)
     has_pairs = counts > 0
     per_prompt = per_group[has_pairs] / counts[has_pairs]

@@ -14,12 +14,15 @@ Notation: ``w`` is the preferred (chosen) response, ``l`` the dispreferred (reje
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.rlhf.logprobs import target_logprobs
 from rlhfkit.rlhf.losses import comparison_pairs
+from rlhfkit.rlhf.packing import pack
+from rlhfkit.rlhf.tokenize import pad_rows
 
 
 def log_ratios(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -104,3 +107,46 @@ def sequence_sums(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.
     """(T,) per-token values and (T,) the sequence each belongs to -> (n,) per-sequence sums
     (the sequence logprob of packed or padded rows)."""
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, segment, values)
+
+
+def sequence_logprobs(model: Any, rows: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device,
+                      pack_length: int | None = None) -> torch.Tensor:
+    """(n,) log pi(response | prompt) of each (ids, prompt tokens) row, summed over the
+    response's tokens, every row in one forward pass: packed into rows of ``pack_length``
+    tokens (block-diagonal attention; a longer row gets a row of its own length), or, with
+    None, right-padded to the longest. Only response tokens go through the LM head
+    (:func:`rlhfkit.rlhf.logprobs.target_logprobs`)."""
+    rows = [(ids, max(plen, 1)) for ids, plen in rows]  # the first token is never a target
+    if pack_length:
+        p = pack(rows, max(pack_length, max(len(ids) for ids, _ in rows)), pad_id, True, device)
+        ids, targets, row = p.input_ids, p.loss_mask, p.row
+        forward = dict(attention_mask=p.attention_mask, position_ids=p.position_ids)
+    else:
+        e = pad_rows(rows, pad_id, device)
+        ids, targets = e.input_ids, e.loss_mask
+        row = torch.arange(len(rows), device=device)[:, None].expand_as(ids)
+        forward = dict(attention_mask=e.attention_mask)
+    logps = target_logprobs(model, ids, targets, **forward)  # (tokens,)
+    return sequence_sums(logps, row[:, 1:][targets[:, 1:].bool()], len(rows))
+
+
+class ReferenceLogprobs:
+    """The reference policy's sequence logprob of every training response (``logps``,
+    (N,), None until computed), held in a stage's training state (``ctx.train(...,
+    state={"reference": cache})``) so that it is checkpointed and restored on resume, never
+    recomputed; and each response's token count (``lengths``, (N,), EOS included), which
+    also checks that a checkpoint's cache belongs to this run's data."""
+
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths
+        self.logps: torch.Tensor | None = None
+        self.passes = 0  # reference forward passes this process made
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logps": self.logps, "lengths": self.lengths}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not torch.equal(state["lengths"], self.lengths):
+            raise ValueError(f"the checkpoint's reference logprobs are for {len(state['lengths'])} other responses "
+                             f"(this run's data has {len(self.lengths)}): the data changed since it was written")
+        self.logps = state["logps"]

@@ -27,15 +27,13 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Comparison, PolicyLoader, StepResult, optional
 from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.dropout import disable_dropout
-from rlhfkit.rlhf.logprobs import target_logprobs
 from rlhfkit.rlhf.losses import comparison_pairs, group_mean
 from rlhfkit.rlhf.masked import dp_denominator
-from rlhfkit.rlhf.packing import pack
 from rlhfkit.rlhf.preference import (
-    best_vs_rest_pairs, dpo_loss, ipo_loss, log_ratios, odds_ratio_loss, sequence_sums, simpo_loss,
+    ReferenceLogprobs, best_vs_rest_pairs, dpo_loss, ipo_loss, log_ratios, odds_ratio_loss, sequence_logprobs, simpo_loss,
 )
 from rlhfkit.rlhf.schedule import cosine_schedule
-from rlhfkit.rlhf.tokenize import pad_rows, tokenize_pair
+from rlhfkit.rlhf.tokenize import tokenize_pair
 from rlhfkit.settings import Invalid, bounded
 
 
@@ -99,27 +97,6 @@ class DPOConfig:
             raise Invalid("batch_size", self.batch_size, f"must be >= the number of ranks ({run.world_size}): each rank takes a share")
 
 
-class ReferenceLogprobs:
-    """The reference policy's sequence logprob of every training response (``logps``,
-    (N,)), computed once and checkpointed with the stage, and each response's token count
-    (``lengths``, (N,), EOS included), which also checks that a checkpoint's cache belongs
-    to this run's data."""
-
-    def __init__(self, lengths: torch.Tensor):
-        self.lengths = lengths
-        self.logps: torch.Tensor | None = None
-        self.passes = 0  # reference forward passes this process made
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"logps": self.logps, "lengths": self.lengths}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not torch.equal(state["lengths"], self.lengths):
-            raise ValueError(f"the checkpoint's reference logprobs are for {len(state['lengths'])} other responses "
-                             f"(this run's data has {len(self.lengths)}): the data changed since it was written")
-        self.logps = state["logps"]
-
-
 class DPO:
     needs = ("sft",)
     data = ("comparisons",)
@@ -128,6 +105,7 @@ class DPO:
 
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
+        self.pack_length = cfg.pack_length if cfg.packing else None
 
     def run(self, ctx: StageContext) -> None:
         cfg, backend, loader = self.cfg, ctx.backend, ctx.components["policy"]
@@ -192,21 +170,6 @@ class DPO:
                 rows.append((ids, max(plen, 1)))
         return rows, offsets
 
-    def sequence_logprobs(self, model: Any, rows: Sequence[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
-        """(n,) log pi(response | prompt) of each (ids, prompt tokens) row, summed over the
-        response's tokens, all rows in one forward pass (packed, or padded to the longest)."""
-        if self.cfg.packing:
-            p = pack(rows, max(self.cfg.pack_length, max(len(ids) for ids, _ in rows)), self.pad_id, True, device)
-            ids, targets, row = p.input_ids, p.loss_mask, p.row
-            forward = dict(attention_mask=p.attention_mask, position_ids=p.position_ids)
-        else:
-            e = pad_rows(rows, self.pad_id, device)
-            ids, targets = e.input_ids, e.loss_mask
-            row = torch.arange(len(rows), device=device)[:, None].expand_as(ids)
-            forward = dict(attention_mask=e.attention_mask)
-        logps = target_logprobs(model, ids, targets, **forward)  # (tokens,)
-        return sequence_sums(logps, row[:, 1:][targets[:, 1:].bool()], len(rows))
-
     @torch.no_grad()
     def fill_reference(self, ctx: StageContext, model: Any, rows: Sequence[tuple[list[int], int]],
                        cache: ReferenceLogprobs) -> None:
@@ -216,13 +179,15 @@ class DPO:
         mine = backend.shard(list(range(len(rows))))
         passes = math.ceil(math.ceil(len(rows) / backend.world_size) / bs)
         got: list[tuple[int, float]] = []
+        dtype = torch.float32
         for k in range(passes):
             part = mine[k * bs : (k + 1) * bs]
             with backend.autocast():
-                logps = self.sequence_logprobs(model, [rows[i] for i in part or [0]], ctx.device).float()
+                logps = sequence_logprobs(model, [rows[i] for i in part or [0]], self.pad_id, ctx.device, self.pack_length)
+            dtype = logps.dtype
             got += list(zip(part, logps.tolist()))  # an empty share made a pass for the others' sake
             cache.passes += 1
-        logps = torch.empty(len(rows), dtype=torch.float32)
+        logps = torch.empty(len(rows), dtype=dtype)  # the policy's logprob dtype (fp32; fp64 for an fp64 model)
         for i, v in backend.gather_objects(got):
             logps[i] = v
         cache.logps = logps
@@ -236,7 +201,7 @@ class DPO:
         the whole batch, and its metrics."""
         cfg, backend, device = self.cfg, ctx.backend, ctx.device
         index = [o + j for c, o in zip(batch, offsets) for j in range(len(c.responses))]  # every response once
-        logps = self.sequence_logprobs(model, [rows[i] for i in index], device)  # (n,)
+        logps = sequence_logprobs(model, [rows[i] for i in index], self.pad_id, device, self.pack_length)  # (n,)
         ref_logps = cache.logps[index].to(device)
         lengths = cache.lengths[index].to(device, logps.dtype)
         win, lose, group = (t.to(device) for t in self.pairs([c.scores for c in batch]))  # (M,) each

@@ -11,10 +11,11 @@ from rlhfkit.cli import setup
 from rlhfkit.config import validate_run
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Comparison
-from rlhfkit.plugins.stages import dpo as dpo_module
-from rlhfkit.plugins.stages.dpo import DPO, DPOConfig, Pairs, PreferenceLoss, ReferenceLogprobs
+from rlhfkit.rlhf import preference
+from rlhfkit.plugins.stages.dpo import DPO, DPOConfig, Pairs, PreferenceLoss
 from rlhfkit.rlhf.logprobs import logprobs_from_logits
 from rlhfkit.rlhf.losses import causal_lm_loss
+from rlhfkit.rlhf.preference import ReferenceLogprobs, sequence_logprobs
 from rlhfkit.rlhf.tokenize import pad_rows
 
 from ...helpers import SMOKE, compose, run_cli
@@ -51,7 +52,7 @@ def test_sequence_logprobs_packed_or_padded_equal_one_row_at_a_time(tiny_policy,
     model = tiny_policy.model.eval()
     stage, ctx, rows, _, _ = _stage(tiny_policy, packing=packing, pack_length=32)
     with torch.no_grad():
-        got = stage.sequence_logprobs(model, rows, ctx.device)
+        got = sequence_logprobs(model, rows, stage.pad_id, ctx.device, stage.pack_length)
         want = _by_hand(model, rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -59,13 +60,13 @@ def test_sequence_logprobs_packed_or_padded_equal_one_row_at_a_time(tiny_policy,
 @pytest.mark.parametrize("loss", list(PreferenceLoss))
 def test_one_forward_pass_per_step_with_every_response_once(tiny_policy, monkeypatch, loss):
     calls = []
-    real = dpo_module.target_logprobs
+    real = preference.target_logprobs
 
     def counting(model, input_ids, targets, **kw):
         calls.append(int(targets[:, 1:].sum()))
         return real(model, input_ids, targets, **kw)
 
-    monkeypatch.setattr(dpo_module, "target_logprobs", counting)
+    monkeypatch.setattr(preference, "target_logprobs", counting)
     stage, ctx, rows, offsets, cache = _stage(tiny_policy, loss=loss)
     cache.logps = torch.zeros(len(rows))
     total, metrics = stage.loss(ctx, tiny_policy.model, BATCH, offsets, rows, cache)
@@ -82,7 +83,7 @@ def test_dpo_stage_loss_is_the_group_mean_of_the_papers_loss(tiny_policy):
     model = tiny_policy.model.eval()
     stage, ctx, rows, offsets, cache = _stage(tiny_policy, beta=0.3)
     with torch.no_grad():
-        cache.logps = stage.sequence_logprobs(model, rows, ctx.device)
+        cache.logps = sequence_logprobs(model, rows, stage.pad_id, ctx.device, stage.pack_length)
         loss, metrics = stage.loss(ctx, model, BATCH, offsets, rows, cache)
     assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
     assert metrics["dpo/margin"] == pytest.approx(0.0, abs=1e-5)
