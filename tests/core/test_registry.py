@@ -100,7 +100,7 @@ def test_builtins_register_through_entry_points():
     assert {"ppo", "a2c"} <= set(registry.names("algorithm"))
     assert {"last_token", "mean_pool", "mlp"} <= set(registry.names("reward_head"))
     assert registry.get("algorithm", "ppo").package == "rlhfkit"
-    assert registry.names("stage") == ["rl", "rm", "sft"] and registry.names("reward") == ["model"]
+    assert registry.names("stage") == ["dpo", "rl", "rm", "sft"] and registry.names("reward") == ["model"]
 
 
 def test_one_table_makes_the_hooks_and_the_run_config_fields():
