@@ -16,11 +16,14 @@ that the margins are O(1) and the comparison measures the formulas, not float32 
 order). Every pair in one batch: rlhfkit's dpo stage loss (``DPO.loss``: one packed
 forward pass of every response, the reference logprobs from its cache) and TRL's
 ``compute_loss`` (``DPOTrainer``: loss_type sigmoid and ipo; ``trl.experimental.cpo``'s
-CPOTrainer with loss_type=simpo, cpo_alpha=0, for SimPO). Printed side by side with the
-absolute difference; the target is 1e-6. TRL's DPO reference pass goes through its fused LM
+CPOTrainer with loss_type=simpo, cpo_alpha=0, for SimPO; ``trl.experimental.orpo``'s
+ORPOTrainer, beta = orpo_lambda, for ORPO: its NLL term covers the prompt tokens too, rlhfkit's
+only the response's, as its SFT stage, so those two differ by design). Printed side by side with the
+absolute difference; the target is 1e-6. TRL's DPOTrainer scores through its fused LM
 head, which returns float32 logprobs even for a float64 model (measured: up to 4e-3 nats
-off per sequence here), so the DPO/IPO rows feed TRL's loss the reference logprobs of a
-plain float64 forward of its own reference model (and print its end-to-end value below).
+off per sequence here), so for the DPO/IPO rows that head is replaced by the plain float64
+computation of the same fields, TRL's loss code unchanged; TRL's end-to-end value is
+printed below each.
 
 (b) Time per step: ``--steps`` optimizer steps of ``--batch`` pairs after ``--warmup``
 untimed ones, AdamW, gradient clipping 1.0, fp32. rlhfkit: the stage's step (loss, backward,
@@ -60,7 +63,7 @@ SHAPES = {
     "cpu-tiny": Shape(n_layer=4, hidden=256, n_head=4, vocab=50257, prompt_len=64, min_response=16, max_response=128),
     "small": Shape(n_layer=2, hidden=64, n_head=2, vocab=2000, prompt_len=16, min_response=4, max_response=24),
 }
-BETA, GAMMA = 0.1, 0.5
+BETA, GAMMA, ORPO_LAMBDA = 0.1, 0.5, 0.1
 SIMPO_BETA = 2.0
 
 
@@ -117,8 +120,9 @@ def run_rlhfkit(model_dir: str, policy_dir: str, pairs: list[dict], batch: int, 
     ctx = SimpleNamespace(name="dpo", backend=backend, device=backend.device, data=SimpleNamespace(context=None),
                           out=SimpleNamespace(say=lambda m: None))
     units = [Comparison(p["prompt"], (p["chosen"], p["rejected"]), (1.0, 0.0)) for p in pairs]
-    stages = {name: DPO(DPOConfig(loss=PreferenceLoss(name), beta=SIMPO_BETA if name == "simpo" else BETA, gamma=GAMMA))
-              for name in ("dpo", "ipo", "simpo")}
+    stages = {name: DPO(DPOConfig(loss=PreferenceLoss(name), beta=SIMPO_BETA if name == "simpo" else BETA, gamma=GAMMA,
+                                  orpo_lambda=ORPO_LAMBDA))
+              for name in ("dpo", "ipo", "simpo", "orpo")}
     stage = stages["dpo"]
     for s in stages.values():
         s.pad_id = policy.tokenizer.pad_token_id
@@ -177,15 +181,32 @@ def run_trl(model_dir: str, policy_dir: str, pairs: list[dict], batch: int, step
 
     far, ref64 = (lambda: load(policy_dir, torch.float64)), (lambda: load(model_dir, torch.float64))
 
-    def batch_loss(trainer, plain_reference: bool = False) -> float:
+    def exact_head(model) -> None:
+        """Replace TRL's fused LM head (float32 logprobs whatever the model's dtype) by the
+        plain float64 computation of the same fields, for ``model(..., fused_lm_head=True)``."""
+        from types import SimpleNamespace
+
+        forward = model.forward  # TRL's patched forward: without fused_lm_head it is the model's own
+
+        def exact(*a, fused_lm_head=False, labels=None, **kw):
+            if not fused_lm_head:
+                return forward(*a, **kw) if labels is None else forward(*a, labels=labels, **kw)
+            logits = forward(*a, **kw).logits[:, :-1].double()
+            target = labels[:, 1:]
+            mask = target != -100
+            logp = torch.log_softmax(logits, -1)
+            return SimpleNamespace(log_probs=logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * mask,
+                                   entropy=-(logp.exp() * logp).sum(-1), mean_logits=logits.mean(-1),
+                                   is_top1=logits.argmax(-1) == target, aux_loss=None)
+
+        model.forward = exact
+
+    def batch_loss(trainer, exact: bool = False) -> float:
         inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+        if exact:
+            exact_head(trainer.model)
+            exact_head(trainer.ref_model)
         with torch.no_grad():
-            if plain_reference:  # the reference's logprobs from its own (unfused) float64 forward
-                logits = trainer.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-                ids, mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:]
-                lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[..., None])[..., 0]
-                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = (lp * mask).sum(1).chunk(2)
-                trainer.precompute_ref_logps = True  # _compute_loss then reads them from the batch
             return float(trainer.compute_loss(trainer.model, inputs))
 
     losses = {}
@@ -193,7 +214,7 @@ def run_trl(model_dir: str, policy_dir: str, pairs: list[dict], batch: int, step
         t = DPOTrainer(model=far(), ref_model=ref64(), processing_class=tok, train_dataset=Dataset.from_list(data),
                        args=DPOConfig(loss_type=[loss_type], beta=BETA, per_device_train_batch_size=len(data), **common))
         losses[name + "_trl_reference"] = batch_loss(t)
-        losses[name] = batch_loss(t, plain_reference=True)
+        losses[name] = batch_loss(t, exact=True)
     try:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -204,6 +225,16 @@ def run_trl(model_dir: str, policy_dir: str, pairs: list[dict], batch: int, step
         losses["simpo"] = batch_loss(t)
     except Exception as exc:  # an experimental trainer whose API moved: report, do not fail the benchmark
         losses["simpo_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        t = ORPOTrainer(model=far(), processing_class=tok, train_dataset=Dataset.from_list(data),
+                        args=ORPOConfig(beta=ORPO_LAMBDA, per_device_train_batch_size=len(data), max_length=1024,
+                                        max_completion_length=None,
+                                        **{k: v for k, v in common.items() if k not in ("max_length",)}))
+        losses["orpo"] = batch_loss(t)
+    except Exception as exc:
+        losses["orpo_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -288,14 +319,17 @@ def main() -> None:
           f"TRL torch {theirs['torch']} transformers {theirs['transformers']}")
     print("(a) loss on every pair in one batch (float64; policy and reference with different weights)")
     print(f"  {'loss':<6} {'rlhfkit':>14} {'TRL':>14} {'|diff|':>10}")
-    for name in ("dpo", "ipo", "simpo"):
+    for name in ("dpo", "ipo", "simpo", "orpo"):
         if name in theirs["losses"]:
             a, b = ours["losses"][name], theirs["losses"][name]
             print(f"  {name:<6} {a:>14.9f} {b:>14.9f} {abs(a - b):>10.2e}  {'ok' if abs(a - b) <= 1e-6 else 'MISMATCH'}")
+            if name == "orpo":
+                print(f"  {'':<6} (TRL's ORPO NLL term averages over prompt and response tokens; rlhfkit's, like its "
+                      "SFT stage, over response tokens only)")
             if name + "_trl_reference" in theirs["losses"]:
                 c = theirs["losses"][name + "_trl_reference"]
-                print(f"  {'':<6} {'':>14} {c:>14.9f} {abs(a - c):>10.2e}  (TRL's own reference pass: its fused LM head "
-                      "returns float32 logprobs)")
+                print(f"  {'':<6} {'':>14} {c:>14.9f} {abs(a - c):>10.2e}  (TRL end to end: its fused LM head returns "
+                      "float32 logprobs)")
         else:
             print(f"  {name:<6} {ours['losses'][name]:>14.9f} {'-':>14}  ({theirs['losses'].get(name + '_error', 'not run')})")
     print("(b) time per DPO step")
