@@ -119,6 +119,9 @@ class DPO:
         if not units:
             raise ConfigError("The dataset has no usable comparisons for DPO (train split): every one is missing, "
                               "too long for the context, or all tied.")
+        if len(units) < backend.world_size:  # every rank takes at least one comparison a step
+            raise ConfigError(f"DPO has {len(units)} usable comparisons, fewer than the {backend.world_size} ranks: "
+                              "use fewer ranks or more data.")
         seed_everything(ctx.seed + 6)
         policy = optional(loader, PolicyLoader, "adapt")(loader.load(ctx.products["sft"]))  # LoRA: a fresh adapter
         # under LoRA the reference is the policy with its adapter disabled; else the policy
