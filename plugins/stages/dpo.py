@@ -75,8 +75,8 @@ class DPOConfig:
     """Optimizer steps; 0: epochs x comparisons / batch_size."""
     batch_size: int = bounded(16, ge=1)
     """Comparisons (prompts) per step, all their pairs included."""
-    lr: float = bounded(1e-3, gt=0)
-    """Peak learning rate of the cosine schedule."""
+    lr: float = bounded(3e-4, gt=0)
+    """Peak learning rate of the cosine schedule (1e-3 drifted to KL ~4.7 and lost gold on all 3 default-suite seeds; 3e-4 gained on all 3)."""
     warmup_steps: int = bounded(10, ge=0)
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     weight_decay: float = bounded(0.0, ge=0)

@@ -81,7 +81,7 @@ def test_a_pairs_file_with_ipo(tmp_path):
     records = [{"prompt": f"say q{i} twice", "chosen": f"q{i} q{i}", "rejected": f"q{i}"} for i in range(40)]
     data = _write(tmp_path / "prefs.jsonl", records)
     run_dir = tmp_path / "run"
-    r = run_cli(SMOKE + ["stages=[sft,dpo]", "data=jsonl", f"data.path={data}", "sft.steps=5", "dpo.loss=ipo",
+    r = run_cli(SMOKE + ["stages=[sft,dpo]", "data=jsonl", f"data.path={data}", "sft.steps=5", "dpo.loss=ipo", "dpo.beta=0.1",
                          "dpo.steps=2", "dpo.log_every=1", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference logprobs of 76 responses" in r.stdout  # 38 training pairs (5% held out), 2 responses each
