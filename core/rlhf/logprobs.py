@@ -118,14 +118,42 @@ def response_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: flo
         out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                     position_ids=rollout.position_ids, logits_to_keep=1, output_hidden_states=True)
         last = out.hidden_states[-1]
-        with torch.no_grad():
-            mine = F.linear(last[:, -1], head.weight, head.bias).float()
-            same = torch.allclose(mine, out.logits[:, -1].float(), atol=1e-3, rtol=1e-3)
-        if same:
+        if _head_made_logits(model, head, last, out.logits):
             return chosen_logprobs(last[:, -(R + 1) : -1], head.weight, head.bias, tokens, temperature)
-        _UNFUSABLE.add(getattr(model, "module", model))
     logits = response_logits(model, rollout)
     return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature)
+
+
+def _head_made_logits(model: torch.nn.Module, head: torch.nn.Linear, last: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the model's logits for the last position are ``head`` applied to its last
+    hidden state (else the model is remembered as unfusable)."""
+    with torch.no_grad():
+        mine = F.linear(last[:, -1], head.weight, head.bias).float()
+        same = torch.allclose(mine, logits[:, -1].float(), atol=1e-3, rtol=1e-3)
+    if not same:
+        _UNFUSABLE.add(getattr(model, "module", model))
+    return same
+
+
+def target_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                    **forward: Any) -> torch.Tensor:
+    """(n,) log pi(input_ids[b, t] | input_ids[b, :t]) of every token with ``targets[b, t]``
+    set, (B, L), in row-major order, at temperature 1: the logprobs of a dataset's
+    responses (DPO), in padded or packed rows (``forward``: ``attention_mask`` and
+    ``position_ids``). Only the positions that predict a target go through the LM head
+    (fused, as in :func:`response_logprobs`, where the model allows): prompts and padding
+    never pay for the vocabulary projection."""
+    where = targets[:, 1:].bool()  # position t predicts token t + 1
+    tokens = input_ids[:, 1:][where]  # (n,)
+    head = _lm_head(model)
+    if head is not None:
+        out = model(input_ids=input_ids, **forward, logits_to_keep=1, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        if _head_made_logits(model, head, last, out.logits):
+            return chosen_logprobs(last[:, :-1][where], head.weight, head.bias, tokens)[0]
+    with fp32_lm_head(model):
+        logits = model(input_ids=input_ids, **forward).logits
+    return logprobs_from_logits(logits[:, :-1][where], tokens)
 
 
 def logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float,

@@ -51,12 +51,21 @@ def kwise_loss(
     replaces the number of prompts with pairs (see :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
     win, lose, group = win.to(rewards.device), lose.to(rewards.device), group.to(rewards.device)
     margin = rewards[win] - rewards[lose]  # (M,)
-    counts = torch.zeros(n_groups, device=rewards.device).index_add_(0, group, torch.ones_like(margin))
-    per_group = torch.zeros(n_groups, device=rewards.device, dtype=margin.dtype).index_add_(0, group, -F.logsigmoid(margin))
+    return group_mean(-F.logsigmoid(margin), group, n_groups, denom), (margin > 0).float().mean()
+
+
+def group_mean(per_pair: torch.Tensor, group: torch.Tensor, n_groups: int,
+               denom: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The mean of ``per_pair`` (M,) over each group's pairs, then over the groups that have
+    pairs (InstructGPT eq. 1's weighting: a prompt's C(K,2) pairs are one batch element).
+    ``denom`` replaces the number of groups with pairs (see
+    :func:`rlhfkit.rlhf.masked.dp_denominator`)."""
+    group = group.to(per_pair.device)
+    counts = torch.zeros(n_groups, device=per_pair.device).index_add_(0, group, torch.ones(len(per_pair), device=per_pair.device))
+    per_group = torch.zeros(n_groups, device=per_pair.device, dtype=per_pair.dtype).index_add_(0, group, per_pair)
     has_pairs = counts > 0
     per_prompt = per_group[has_pairs] / counts[has_pairs]
-    loss = per_prompt.sum() / (len(per_prompt) if denom is None else denom)
-    return loss, (margin > 0).float().mean()
+    return per_prompt.sum() / (len(per_prompt) if denom is None else denom)
 
 
 def causal_lm_loss(

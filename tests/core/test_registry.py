@@ -100,7 +100,7 @@ def test_builtins_register_through_entry_points():
     assert {"ppo", "a2c", "rloo", "grpo"} <= set(registry.names("algorithm"))
     assert {"last_token", "mean_pool", "mlp"} <= set(registry.names("reward_head"))
     assert registry.get("algorithm", "ppo").package == "rlhfkit"
-    assert registry.names("stage") == ["rl", "rm", "sft"]
+    assert registry.names("stage") == ["dpo", "rl", "rm", "sft"]
     assert {"model", "python_exec", "labeller", "combined", "length", "format"} <= set(registry.names("reward"))
     assert registry.get("reward", "python_exec").package == "rlhfkit"
 

@@ -157,7 +157,7 @@ def test_choices_cover_the_backends_and_heads():
     ("eval.num_prompts=0", "eval.num_prompts=0: must be >= 1"),
     ("sft.pack_length=0", "sft.pack_length=0: must be >= 1"),
     ("rl.prompts_per_step=0", "rl.prompts_per_step=0: must be >= 1"),
-    ("stages=[sft,dpo]", "stages=[sft,dpo]: each must be one of"),
+    ("stages=[sft,kto]", "stages=[sft,kto]: each must be one of"),
     ("data.k_min=5 data.k_max=4", "data.k_min=5: must be <= k_max (4)"),
 ])
 def test_issue_examples_are_one_line_errors(override, message):

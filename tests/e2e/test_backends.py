@@ -173,3 +173,36 @@ def test_grpo_two_ranks_follow_the_single_process_trajectory(case, backend, grpo
         else:
             assert len(got[key]) == len(ref[key]) == 3, key
             assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=2e-4), key
+
+
+# The dpo stage: each rank forwards its share of a step's comparisons and divides by the
+# global count of prompts (and, for ORPO, of chosen tokens); each rank computes the reference
+# logprobs of its share of the responses, in the same number of passes, and all exchange them.
+DPO_ARGS = SMOKE + ["stages=[sft,dpo]", "sft.steps=8", "dpo.steps=3", "dpo.log_every=1", "dpo.batch_size=8",
+            "dpo.warmup_steps=0", "dpo.lr=5e-3"]  # no warmup: the steps move the policy
+
+
+def _dpo_trajectory(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {key: [r[key] for r in rows if r["stage"] == stage and key in r]
+            for stage, key in (("sft", "loss/sft"), ("dpo", "loss/dpo"), ("dpo", "grad_norm"))}
+
+
+@pytest.fixture(scope="module")
+def dpo_reference(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("dpo_single") / "run")
+    r = run_cli(DPO_ARGS + [f"hydra.run.dir={run_dir}"], cwd=os.path.dirname(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _dpo_trajectory(run_dir), json.load(open(os.path.join(run_dir, "eval.json")))
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+def test_dpo_two_ranks_follow_the_single_process_trajectory(backend, dpo_reference, tmp_path):
+    ref, ref_table = dpo_reference
+    run_dir = str(tmp_path / backend)
+    torchrun(DPO_ARGS + [f"backend={backend}", f"hydra.run.dir={run_dir}"], cwd=str(tmp_path))
+    got = _dpo_trajectory(run_dir)
+    for key in ref:
+        assert len(got[key]) == len(ref[key]) > 0, key
+        assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=2e-4), key
+    assert list(json.load(open(os.path.join(run_dir, "eval.json")))["policies"]) == list(ref_table["policies"])

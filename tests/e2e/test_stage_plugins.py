@@ -136,7 +136,7 @@ def test_third_party_stage_and_reward_source_run_from_the_cli(third_party, tmp_p
     (["stages=[sft,rl,rm]"], "'rl' needs 'rm', which runs after it. Put 'rm' before 'rl'."),
     (["stages=[sft,clone,rm]", "data=jsonl", "data.path=DATA", "data.format=prompt_completion"],
      "'rm' reads comparisons, which data=files does not have"),
-    (["stages=[sft,tune]"], "stages=[sft,tune]: each must be one of ['clone', 'rl', 'rm', 'sft']"),
+    (["stages=[sft,tune]"], "stages=[sft,tune]: each must be one of ['clone', 'dpo', 'rl', 'rm', 'sft']"),
 ])
 def test_a_stage_list_that_cannot_run_fails_before_any_work(third_party, tmp_path, args, message):
     data = tmp_path / "d.jsonl"
