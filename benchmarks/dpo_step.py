@@ -285,7 +285,7 @@ def spawn(python: str, side: str, args: argparse.Namespace, model_dir: str, pair
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-tiny")
-    ap.add_argument("--pairs", type=int, default=64, help="pairs in the data set (all of them form the loss-value batch)")
+    ap.add_argument("--pairs", type=int, default=16, help="pairs in the data set (all of them form the loss-value batch, in float64: 64 pairs at the 50k vocabulary need ~20 GB on TRL's side)")
     ap.add_argument("--batch", type=int, default=16, help="pairs per timed step")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
