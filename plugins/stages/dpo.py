@@ -32,7 +32,7 @@ from rlhfkit.rlhf.masked import dp_denominator
 from rlhfkit.rlhf.preference import (
     ReferenceLogprobs, best_vs_rest_pairs, dpo_loss, ipo_loss, log_ratios, odds_ratio_loss, sequence_logprobs, simpo_loss,
 )
-from rlhfkit.rlhf.schedule import cosine_schedule
+from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import tokenize_pair
 from rlhfkit.settings import Invalid, bounded
 
@@ -132,9 +132,8 @@ class DPO:
         rows, self.offsets = self.tokenize(ctx, policy.tokenizer, units)
         cache = ReferenceLogprobs(torch.tensor([len(ids) - plen for ids, plen in rows]))
 
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.steps or cfg.epochs * math.ceil(len(units) / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, steps, cfg.min_lr_ratio))
+        optimizer, scheduler = adamw_cosine(policy.model.parameters(), cfg, steps)
         tracked = TrackingBackend(backend)
         engine = tracked.prepare(policy.model, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
         batches = Batches(len(units), cfg.batch_size, ctx.seed + 6)

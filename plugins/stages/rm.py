@@ -19,7 +19,7 @@ from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.rlhf.masked import dp_denominator
 from rlhfkit.rlhf.retokenize import reward_model_context
-from rlhfkit.rlhf.schedule import cosine_schedule
+from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.settings import bounded
 
@@ -80,10 +80,9 @@ class RM:
         rm = loader.build(base, ctx.components["reward_head"])
         self.tok = optional(rm, RewardModel, "tokenizer") or sft.tokenizer  # the RM reads text with its own tokenizer
         self.context = reward_model_context(rm) or ctx.data.context
-        optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         units = train if cfg.loss == RMLoss.kwise else as_pairs(train)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, steps, cfg.min_lr_ratio))
+        optimizer, scheduler = adamw_cosine(rm.parameters(), cfg, steps)
         tracked = TrackingBackend(backend)
         engine = tracked.prepare(rm, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
         batches = Batches(len(units), cfg.batch_size, ctx.seed + 1)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from rlhfkit import hookimpl
 from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
@@ -17,7 +15,7 @@ from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.losses import causal_lm_loss, n_targets
 from rlhfkit.rlhf.masked import dp_denominator
 from rlhfkit.rlhf.packing import pack
-from rlhfkit.rlhf.schedule import cosine_schedule
+from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import pad_rows
 from rlhfkit.settings import bounded
 
@@ -67,8 +65,7 @@ class SFT:
         if not rows:
             raise ConfigError("The dataset has no usable SFT demonstrations (train split).")
         model = policy.model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        optimizer, scheduler = adamw_cosine(model.parameters(), cfg, cfg.steps)
         tracked = TrackingBackend(backend)
         engine = tracked.prepare(model, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
         batches = Batches(len(rows), cfg.batch_size, ctx.seed)
