@@ -8,6 +8,9 @@ and reference answer come from the dataset (``Dataset.checks``). No stage produc
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from rlhfkit.config import RunInfo
 from rlhfkit.context import StageContext
 from rlhfkit.errors import DataError
 from rlhfkit.interfaces import Check, Dataset, optional
-from rlhfkit.plugins.rewards.sandbox import REASONS, SandboxError, SandboxLimits, Verdict, run_python
+from rlhfkit.plugins.rewards.sandbox import REASONS, Sandbox, SandboxError, SandboxLimits, Verdict, run_python
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.settings import bounded, one_of
 
@@ -30,7 +33,8 @@ class PythonExecConfig(SandboxLimits):
     """The sandbox's isolation and limits (see :class:`SandboxLimits`), and how verdicts become rewards."""
 
     workers: int = bounded(0, ge=0, le=256)
-    """Verifications run in parallel (a thread per sandbox subprocess); 0: the CPU count."""
+    """Verifications run in parallel, each worker a thread with a warm sandbox of its own
+    (:class:`Sandbox`: started once, then a fresh harness forked per verification); 0: the CPU count."""
     failure_reward: float = 0.0
     """The reward of a response whose run failed (timeout, memory, crash, syntax error,
     output limit, sandbox error); failed tests score the fraction passed instead."""
@@ -54,6 +58,10 @@ class PythonExec:
         self.counts: Counter[str] = Counter()
         self.seconds = 0.0
         self.compiled: set[str] = set()  # prompts whose tests are known to compile
+        self.boxes: list[Sandbox] = []  # warm sandboxes, at most one per worker, kept across steps
+        self.idle: queue.SimpleQueue[Sandbox] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        weakref.finalize(self, _close_all, self.boxes)
 
     def setup(self, ctx: StageContext, tokenizer: Any) -> None:
         data = self.data = ctx.components["data"]
@@ -81,7 +89,7 @@ class PythonExec:
                     self.check(prompt)
             self.pool = ThreadPoolExecutor(self.cfg.workers or os.cpu_count() or 1, thread_name_prefix="python_exec")
         checks = [self.check(p) for p in rollout.prompts]
-        jobs = [self.pool.submit(run_python, r, c, self.cfg) if c else None for r, c in zip(rollout.responses, checks)]
+        jobs = [self.pool.submit(self.verify, r, c) if c else None for r, c in zip(rollout.responses, checks)]
         verdicts: list[Verdict | None] = [j.result() if j else None for j in jobs]
         scores = [v.score(self.cfg.failure_reward) if v else self.cfg.failure_reward for v in verdicts]
         for v in verdicts:
@@ -92,6 +100,24 @@ class PythonExec:
             self.counts[v.reason or "passed"] += 1
             self.seconds += v.seconds
         return torch.tensor(scores, dtype=torch.float32, device=rollout.input_ids.device)  # (B,)
+
+    def verify(self, code: str, check: Check) -> Verdict:
+        """One verification in an idle warm sandbox (a new one if every sandbox is busy)."""
+        try:
+            box = self.idle.get_nowait()
+        except queue.Empty:
+            box = Sandbox(self.cfg)
+            with self.lock:
+                self.boxes.append(box)
+        try:
+            return box.run(code, check)
+        finally:
+            self.idle.put(box)
+
+    def close(self) -> None:
+        """End the warm sandboxes (also done when the source is garbage-collected, and by each
+        sandbox's zygote when this process exits)."""
+        _close_all(self.boxes)
 
     def check(self, prompt: str) -> Check | None:
         """The prompt's check data, or None to skip it (``missing_check=skip``)."""
@@ -118,16 +144,27 @@ class PythonExec:
 
     def metrics(self) -> dict[str, float]:
         """Since the last call: the share of verified rows that passed every check, the count
-        of rows failing for each reason, the rows skipped, and the mean seconds per verification."""
+        of rows failing for each reason, the rows skipped, the mean seconds per verification,
+        and the sandboxes started and the seconds spent starting them (their share of a step)."""
         counts, self.counts = self.counts, Counter()
         verified = counts["rows"] - counts["skipped"]
         seconds, self.seconds = self.seconds, 0.0
+        starts, start_s = sum(b.starts for b in self.boxes), sum(b.start_seconds for b in self.boxes)
+        for b in self.boxes:
+            b.starts, b.start_seconds = 0, 0.0
         return {
+            "reward/exec_sandbox_starts": float(starts),
+            "reward/exec_sandbox_start_s": start_s,
             "reward/exec_pass_rate": counts["passed"] / verified if verified else 0.0,
             **{f"reward/exec_fail_{reason}": float(counts[reason]) for reason in REASONS},
             "reward/exec_skipped": float(counts["skipped"]),
             "reward/exec_s": seconds / verified if verified else 0.0,
         }
+
+
+def _close_all(boxes: list[Sandbox]) -> None:
+    for box in boxes:
+        box.close()
 
 
 @hookimpl

@@ -53,8 +53,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Check
@@ -230,33 +230,260 @@ verdict("ok", passed, total)
 
 _VERDICT = re.compile(r"(\S+) (ok|syntax_error|memory|crash) (\d+) (\d+)")
 
+# The warm sandbox's init, run as `python -I [-S] -c ZYGOTE` inside bwrap (or a plain
+# subprocess). It reads length-prefixed marshalled messages on stdin: first the set-up
+# (the harness's source, the limits), answered "ready"; then one job per verification, each
+# answered with the harness's exit status, stdout and stderr. Per job it forks a fresh child
+# that runs HARNESS with three new pipes as stdin/stdout/stderr and no other descriptor, so
+# the response never holds the channel to the caller. The zygote is not dumpable: a response
+# running as the same uid can neither ptrace it nor open its /proc/<pid>/{mem,fd}. After
+# every job it kills every other process of the sandbox (kill(-1) in the PID namespace; the
+# child's process group without one), reaps them (it is their subreaper) and empties the
+# private /tmp and /dev/shm, so each job starts from the state the first one saw. Anything it
+# cannot clean, it exits on: the caller starts a fresh sandbox.
+ZYGOTE = r'''
+import ctypes, io, marshal, os, resource, selectors, signal, sys, time, _ast
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of a job are ours to reap
+libc.prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE 0: no ptrace, no /proc/<pid>/mem or fd for the jobs
 
-def run_python(code: str, check: Check, limits: SandboxLimits) -> Verdict:
-    """Run ``code`` then ``check``'s tests (and answer) under the harness convention, isolated
-    and bounded by ``limits``; return how many checks passed, or why the run failed. Never
-    raises for anything the code does; returns only once every process it started is gone."""
-    t0 = time.monotonic()
-    nonce = secrets.token_hex(16)
-    job = marshal.dumps({
-        "nonce": nonce, "code": code, "tests": list(check.tests), "answer": check.answer, "cpu_s": limits.cpu_s,
-        "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb, "max_procs": limits.max_procs,
-    }, 4)  # version 4: read by every Python 3 the sandbox may run
-    python = shutil.which(limits.python, path=SANDBOX_PATH)
-    if python is None:
-        return Verdict(0, 0, "sandbox_error", f"no interpreter {limits.python!r} on {SANDBOX_PATH}", time.monotonic() - t0)
-    # bwrap makes its own /tmp; the unsandboxed harness gets a fresh directory
-    with tempfile.TemporaryDirectory(prefix="rlhfkit-sandbox-") if limits.isolation == "none" else nullcontext("/") as home:
-        env = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
-        argv, user, info = [python, "-I", *([] if limits.site_packages else ["-S"]), "-c", HARNESS], None, None
-        if limits.isolation == "bwrap":
-            bwrap = shutil.which(limits.bwrap)
-            if bwrap is None:
-                return Verdict(0, 0, "sandbox_error", f"no bwrap: {INSTALL}", time.monotonic() - t0)
-            info = os.pipe()
-            argv, user = _unprivileged([bwrap, *_bwrap_options(limits, python, info[1]), *argv])
-            env = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}
+def read_exact(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(0, n - len(buf))
+        if not chunk:
+            os._exit(0)  # the caller closed the channel
+        buf += chunk
+    return buf
+
+def recv():
+    return read_exact(int.from_bytes(read_exact(4), "big"))
+
+def send(obj):
+    data = marshal.dumps(obj, 4)
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(1, data):]
+
+setup = marshal.loads(recv())
+harness = compile(setup["harness"], "<harness>", "exec")
+pidns, timeout_s, cap, scratch = setup["pidns"], setup["timeout_s"], setup["cap"], setup["scratch"]
+send("ready")
+
+def child(job_r, out_w, err_w):
+    os.setsid()
+    os.dup2(job_r, 0); os.dup2(out_w, 1); os.dup2(err_w, 2)
+    os.closerange(3, 1 << 16)
+    libc.prctl(4, 1, 0, 0, 0)  # the job itself may be dumpable (its own /proc/self)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
+    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    code = 1
+    try:  # as the interpreter would run it as __main__
+        exec(harness, {"__name__": "__main__", "__builtins__": __builtins__})
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            try:
+                print(e.code, file=sys.stderr)
+            except BaseException:
+                pass
+    except BaseException as e:
         try:
-            proc = subprocess.Popen(
+            print("%s: %s" % (type(e).__name__, e), file=sys.stderr)
+        except BaseException:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(code & 0xFF)
+
+def kill_rest(pid):
+    try:
+        if pidns:
+            os.kill(-1, signal.SIGKILL)  # every process of the sandbox but its init and this one
+        else:
+            os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    while True:  # reap them (orphans come to the subreaper); without a PID namespace only the exited
+        try:
+            if os.waitpid(-1, 0 if pidns else os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+
+def empty(path):
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                empty(e.path)
+                os.rmdir(e.path)
+            else:
+                os.unlink(e.path)
+
+def run(job):
+    job_r, job_w = os.pipe(); out_r, out_w = os.pipe(); err_r, err_w = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(job_r, out_w, err_w)
+        finally:
+            os._exit(70)
+    for fd in (job_r, out_w, err_w):
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    chunks, size, killed, status = {out_r: [], err_r: []}, 0, None, None
+    os.set_blocking(job_w, False)
+    sel = selectors.DefaultSelector()
+    for fd in (out_r, err_r, pidfd):
+        sel.register(fd, selectors.EVENT_READ)
+    sel.register(job_w, selectors.EVENT_WRITE)
+    while {out_r, err_r} & set(sel.get_map()):
+        left = t0 + timeout_s - time.monotonic()
+        if left <= 0:
+            killed = "timeout"
+            break
+        for key, _ in sel.select(left):
+            fd = key.fd
+            if fd == job_w:
+                try:
+                    job = job[os.write(job_w, job):]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    job = b""
+                if not job:
+                    sel.unregister(job_w); os.close(job_w); job_w = None
+            elif fd == pidfd:  # the job's process ended: nothing it left may go on writing
+                sel.unregister(pidfd)
+                status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                kill_rest(pid)
+            else:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    sel.unregister(fd)
+                    continue
+                chunks[fd].append(data)
+                size += len(data)
+        if size > cap:
+            killed = "output_limit"
+            break
+    sel.close()
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    kill_rest(pid)
+    for fd in (out_r, err_r, pidfd, job_w):
+        if fd is not None:
+            os.close(fd)
+    dirty = False
+    try:
+        for path in scratch:
+            empty(path)
+    except OSError:  # a file it cannot remove: this sandbox ends after answering
+        dirty = True
+    return {"status": status, "killed": killed, "out": b"".join(chunks[out_r]), "err": b"".join(chunks[err_r]),
+            "dirty": dirty}
+
+while True:
+    reply = run(recv())  # the job, passed on as the harness's stdin
+    send(reply)
+    if reply["dirty"]:
+        os._exit(0)
+'''
+
+STARTUP_S = 10.0
+"""How long a sandbox may take to start (bwrap, the interpreter, the zygote) before it counts as broken."""
+GRACE_S = 2.0
+"""Wall time past ``timeout_s`` after which the caller stops waiting for the zygote's answer."""
+
+
+class Sandbox:
+    """A warm sandbox: one bwrap (or, with ``isolation="none"``, plain) process whose init,
+    the zygote, forks a fresh harness for every verification, so the sandbox and the
+    interpreter start once rather than per verification. Each verification still starts
+    from the same state: the zygote kills every process the previous one left and empties
+    its private /tmp (the zygote enforces the wall time and the output cap too). A verification
+    that kills or stops the zygote, or leaves a file it cannot remove, ends the sandbox; the
+    next call starts a fresh one. Not thread-safe: one per
+    worker. ``with Sandbox(limits) as box: box.run(code, check)``."""
+
+    def __init__(self, limits: SandboxLimits):
+        self.limits = limits
+        self.proc: subprocess.Popen | None = None
+        self.info_fd: int | None = None
+        self.home: tempfile.TemporaryDirectory | None = None
+        self.starts = 0
+        """Sandboxes started (the first call, and after each one that ended)."""
+        self.start_seconds = 0.0
+        """Wall time spent starting them."""
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, code: str, check: Check) -> Verdict:
+        """Run ``code`` then ``check``'s tests (and answer) under the harness convention;
+        return how many checks passed, or why the run failed. Never raises for anything the
+        code does; returns only once every process it started is gone."""
+        t0 = time.monotonic()
+        limits = self.limits
+        if self.proc is None or self.proc.poll() is not None:
+            self.close()
+            problem = self._start()
+            self.starts += 1
+            self.start_seconds += time.monotonic() - t0
+            if problem:
+                self.close()
+                return Verdict(0, 0, "sandbox_error", problem, time.monotonic() - t0)
+        nonce = secrets.token_hex(16)
+        job = marshal.dumps({
+            "nonce": nonce, "code": code, "tests": list(check.tests), "answer": check.answer, "cpu_s": limits.cpu_s,
+            "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb, "max_procs": limits.max_procs,
+        }, 4)  # version 4: read by every Python 3 the sandbox may run
+        reply = self._ask(job, time.monotonic() + limits.timeout_s + GRACE_S)
+        seconds = time.monotonic() - t0
+        if not isinstance(reply, dict):  # the zygote died (the program killed it) or hung (stopped)
+            self.close()
+            if reply == "timeout":
+                return Verdict(0, 0, "timeout", f"still running after timeout_s={limits.timeout_s:g}", seconds)
+            return Verdict(0, 0, "crash", "ended before the checks completed (the sandbox was killed)", seconds)
+        if reply["dirty"]:  # it left a file the zygote cannot remove: the next verification starts afresh
+            self.close()
+        return _classify(nonce, reply["status"], reply["out"], reply["err"], reply["killed"], limits, seconds)
+
+    def _start(self) -> str | None:
+        """Start the sandbox and its zygote; None when ready, else what went wrong."""
+        limits = self.limits
+        python = shutil.which(limits.python, path=SANDBOX_PATH)
+        if python is None:
+            return f"no interpreter {limits.python!r} on {SANDBOX_PATH}"
+        argv, user = [python, "-I", *([] if limits.site_packages else ["-S"]), "-c", ZYGOTE], None
+        bwrap = limits.isolation == "bwrap"
+        if bwrap:
+            path = shutil.which(limits.bwrap)
+            if path is None:
+                return f"no bwrap: {INSTALL}"
+            info = os.pipe()
+            argv, user = _unprivileged([path, *_bwrap_options(limits, python, info[1]), *argv])
+            env, home, scratch = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}, "/", ["/tmp", "/dev/shm"]
+        else:
+            info = None
+            self.home = tempfile.TemporaryDirectory(prefix="rlhfkit-sandbox-")
+            home = scratch_dir = self.home.name
+            env, scratch = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}, [scratch_dir]
+        try:
+            self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=home, env=env,
                 start_new_session=True, pass_fds=(info[1],) if info else (), user=user, group=user,
                 extra_groups=[] if user is not None else None,
@@ -264,17 +491,83 @@ def run_python(code: str, check: Check, limits: SandboxLimits) -> Verdict:
         except OSError as e:
             for fd in info or ():
                 os.close(fd)
-            return Verdict(0, 0, "sandbox_error", f"cannot start {argv[0]}: {e}", time.monotonic() - t0)
+            return f"cannot start {argv[0]}: {e}"
         if info:
             os.close(info[1])
+            self.info_fd = info[0]
+        setup = marshal.dumps({"harness": HARNESS, "pidns": bwrap, "timeout_s": limits.timeout_s,
+                               "cap": limits.max_output_kb << 10, "scratch": scratch}, 4)
+        if self._ask(setup, time.monotonic() + max(STARTUP_S, limits.timeout_s)) == "ready":
+            return None
+        err = self._stderr()
+        return err or f"the sandbox exited (status {self.proc.poll()}) before it was ready"
+
+    def _ask(self, message: bytes, deadline: float) -> Any:
+        """Send one message to the zygote and read its answer; ``"timeout"`` or ``None`` (gone)."""
+        proc = self.proc
         try:
-            out, err, killed = _communicate(proc, job, t0 + limits.timeout_s, limits.max_output_kb << 10)
-        finally:
-            _kill_group(proc)
-            proc.wait()
-            if info:
-                _wait_gone(_read_child_pid(info[0]))
-    return _classify(nonce, proc.returncode, out, err, killed, limits, limits.isolation == "bwrap", time.monotonic() - t0)
+            proc.stdin.write(len(message).to_bytes(4, "big") + message)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        fd, buf, need = proc.stdout.fileno(), b"", 4
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while len(buf) < need:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    return "timeout"
+                data = os.read(fd, max(need - len(buf), 1 << 16))
+                if not data:
+                    return None
+                buf += data
+                if need == 4 and len(buf) >= 4:
+                    need = 4 + int.from_bytes(buf[:4], "big")
+        try:
+            return marshal.loads(buf[4:need])
+        except (ValueError, EOFError, TypeError):
+            return None
+
+    def _stderr(self) -> str:
+        """The last line the sandbox wrote on stderr (bwrap's own errors), once it is gone."""
+        self._kill()
+        try:
+            err = self.proc.stderr.read().decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
+        return err.splitlines()[-1][:300] if err else ""
+
+    def _kill(self) -> None:
+        if self.proc is None:
+            return
+        _kill_group(self.proc)
+        self.proc.wait()
+        if self.info_fd is not None:
+            _wait_gone(_read_child_pid(self.info_fd))
+            self.info_fd = None
+
+    def close(self) -> None:
+        """End the sandbox: every process it holds is gone when this returns."""
+        if self.proc is not None:
+            self._kill()
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            self.proc = None
+        if self.info_fd is not None:
+            os.close(self.info_fd)
+            self.info_fd = None
+        if self.home is not None:
+            self.home.cleanup()
+            self.home = None
+
+
+def run_python(code: str, check: Check, limits: SandboxLimits) -> Verdict:
+    """One verification in a sandbox of its own (:class:`Sandbox`, started and ended for it)."""
+    with Sandbox(limits) as box:
+        return box.run(code, check)
 
 
 def _unprivileged(argv: list[str]) -> tuple[list[str], int | None]:
@@ -323,48 +616,6 @@ def _system_binds(python: str) -> list[str]:
     return out
 
 
-def _communicate(proc: subprocess.Popen, job: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
-    """Feed ``job`` on stdin and read stdout and stderr until both close, the deadline passes
-    (``"timeout"``) or more than ``cap`` bytes came (``"output_limit"``)."""
-    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
-    size, killed = 0, None
-    with selectors.DefaultSelector() as sel:
-        for fd in chunks:
-            sel.register(fd, selectors.EVENT_READ)
-        stdin = proc.stdin.fileno()
-        os.set_blocking(stdin, False)
-        sel.register(stdin, selectors.EVENT_WRITE)
-        while chunks.keys() & {k.fd for k in sel.get_map().values()}:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                killed = "timeout"
-                break
-            for key, _ in sel.select(left):
-                if key.fd == stdin:
-                    try:
-                        job = job[os.write(stdin, job):]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:  # the sandbox is gone: what it printed tells why
-                        job = b""
-                    if not job:
-                        sel.unregister(stdin)
-                        proc.stdin.close()
-                    continue
-                data = os.read(key.fd, 1 << 16)
-                if not data:
-                    sel.unregister(key.fd)
-                    continue
-                chunks[key.fd].append(data)
-                size += len(data)
-            if size > cap:
-                killed = "output_limit"
-                break
-        if not proc.stdin.closed:
-            proc.stdin.close()
-    return b"".join(chunks[proc.stdout.fileno()]), b"".join(chunks[proc.stderr.fileno()]), killed
-
-
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process group the sandbox was started in (bwrap, or the plain harness and
     what it forked). bwrap's reaper dies with it (--die-with-parent), and the kernel then kills
@@ -407,7 +658,7 @@ def _wait_gone(pid: int | None, timeout: float = 5.0) -> None:
 
 
 def _classify(nonce: str, status: int, out: bytes, err: bytes, killed: str | None, limits: SandboxLimits,
-              bwrap: bool, seconds: float) -> Verdict:
+              seconds: float) -> Verdict:
     text, errors = out.decode(errors="replace"), err.decode(errors="replace").strip()
     last_err = errors.splitlines()[-1][:300] if errors else ""
     if killed == "timeout":
@@ -424,7 +675,7 @@ def _classify(nonce: str, status: int, out: bytes, err: bytes, killed: str | Non
         return Verdict(passed, total, None if passed == total else "tests_failed", last_err if passed < total else "",
                        seconds)
     # no verdict: the process ended (or was ended) before every check ran
-    sig = status - 128 if bwrap and status > 128 else -status if status < 0 else 0
+    sig = -status if status < 0 else 0
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and seconds >= limits.cpu_s):
         return Verdict(0, 0, "timeout", f"CPU time past cpu_s={limits.cpu_s}", seconds)
     if "MemoryError" in errors or "Cannot allocate memory" in errors:

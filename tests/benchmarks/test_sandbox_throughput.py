@@ -30,8 +30,11 @@ def test_serial_vs_parallel_and_the_start_up_share_of_an_rl_step(bench, tmp_path
     assert out["serial"]["workers"] == 1 and out["parallel"]["workers"] == 2
     for r in (out["serial"], out["parallel"]):  # the mix: 4 of its 8 programs pass
         assert r["verifications"] == 8 and r["pass_rate"] == 0.5 and r["per_s"] == pytest.approx(8 / r["seconds"])
+        assert 1 <= r["cold_starts"] <= r["workers"] and r["warm_starts"] == 0  # warm from the second call on
     assert out["step_s"] == 2.0  # the rl rows' mean perf/step_s
-    assert out["startup_per_step_s"] == pytest.approx(16 * out["startup_s"] / 2)
-    assert out["startup_share"] == pytest.approx(out["startup_per_step_s"] / 2.0)
+    assert out["overhead_per_step_s"] == pytest.approx(16 * out["warm_s"] / 2)
+    assert out["overhead_share"] == pytest.approx(out["overhead_per_step_s"] / 2.0)
+    assert out["first_step_startup_share"] == pytest.approx(out["startup_s"] / 2.0)
+    assert out["warm_s"] < out["startup_s"]
     assert json.load(open(tmp_path / "out.json")) == out
     assert "verif/s" in capsys.readouterr().out

@@ -130,14 +130,34 @@ def test_rollouts_are_scored_by_their_prompts_checks(isolation):
     assert scores.tolist() == [s for _, _, s in rows]
     metrics = reward.metrics()
     assert set(metrics) == {"reward/exec_pass_rate", "reward/exec_skipped", "reward/exec_s",
+                            "reward/exec_sandbox_starts", "reward/exec_sandbox_start_s",
                             *(f"reward/exec_fail_{r}" for r in REASONS)}
     assert metrics["reward/exec_pass_rate"] == 3 / 9
+    assert 1 <= metrics["reward/exec_sandbox_starts"] <= 2 and metrics["reward/exec_sandbox_start_s"] > 0
     expected = {"tests_failed": 3, "syntax_error": 1, "crash": 1, "timeout": 1}
     assert {r: metrics[f"reward/exec_fail_{r}"] for r in REASONS} == {r: expected.get(r, 0) for r in REASONS}
     assert metrics["reward/exec_s"] > 0
     # counts are per call: the next call starts from zero, with the same keys
     again = reward.metrics()
     assert set(again) == set(metrics) and all(v == 0 for v in again.values())
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=needs_bwrap), "none"])
+def test_workers_keep_their_sandboxes_warm_across_steps(isolation):
+    reward = source(isolation=isolation)
+    rows = [("make 7 from 3 4 =", "3 + 4"), ("make 7 from 3 4 =", "3 * 4")] * 4
+    batch = rollout([p for p, _ in rows], [r for _, r in rows])
+    assert reward(batch).tolist() == [1.0, 0.5] * 4
+    first = reward.metrics()
+    assert 1 <= first["reward/exec_sandbox_starts"] <= 2  # one per worker, at most
+    assert reward(batch).tolist() == [1.0, 0.5] * 4
+    second = reward.metrics()  # the next step reuses them: no start-up at all
+    assert second["reward/exec_sandbox_starts"] == 0 and second["reward/exec_sandbox_start_s"] == 0
+    # a row that kills its sandbox scores a crash; that worker's next row starts a fresh one
+    killer = rollout(["make 7 from 3 4 ="] * 2, ["import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", "3 + 4"])
+    assert reward(killer).tolist() == [0.0, 1.0]
+    reward.close()
+    assert all(box.proc is None for box in reward.boxes)
 
 
 @needs_bwrap

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from rlhfkit.interfaces import Check
-from rlhfkit.plugins.rewards.sandbox import HARNESS, SANDBOX_UID, SandboxLimits, run_python
+from rlhfkit.plugins.rewards.sandbox import SANDBOX_UID, ZYGOTE, Sandbox, SandboxLimits, run_python
 
 HAS_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAS_BWRAP, reason=f"bubblewrap is not installed (apt-get install -y bubblewrap)")
@@ -30,8 +30,8 @@ def limits(isolation: str = "bwrap", **kw) -> SandboxLimits:
 
 def sandbox_processes() -> list[str]:
     """Live (non-zombie) processes a sandbox started: those of the sandbox's uid (a root
-    caller's), and any still running the harness or bwrap."""
-    marker = HARNESS.strip().splitlines()[0].encode()
+    caller's), and any still running the zygote (a forked harness too) or bwrap."""
+    marker = ZYGOTE.strip().splitlines()[0].encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -265,3 +265,59 @@ def test_no_process_outlives_its_call(nothing_escapes):
     code = ("import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '1000'])\n"
             "import time\ntime.sleep(0.2)\n7")
     assert run_python(code, Check(answer="7"), limits()).reason is None  # a daemon left behind: killed with the call
+
+
+# --- the warm sandbox: one start-up, then a fresh harness per verification -----------------
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_warm_sandbox_starts_each_verification_from_the_same_state(isolation, nothing_escapes):
+    tmp = "/tmp" if isolation == "bwrap" else "."
+    with Sandbox(limits(isolation)) as box:
+        for _ in range(2):  # what one verification leaves is gone for the next
+            v = box.run(f"import os, builtins\nsorted(os.listdir({tmp!r}))", Check(tests=("assert result == []",)))
+            assert v.reason is None, v
+            v = box.run(f"import builtins\nopen({tmp!r} + '/left', 'w').write('x')\nbuiltins.len = None\n"
+                        "import os\nos.environ['LEFT'] = '1'\n7", Check(answer="7"))
+            assert v.reason is None, v
+            v = box.run("import os\nlen([1]), os.environ.get('LEFT')", Check(answer="(1, None)"))
+            assert v.reason is None, v
+        assert box.starts == 1
+
+
+@needs_bwrap
+def test_a_warm_sandbox_kills_what_a_verification_left_running(nothing_escapes):
+    daemon = ("import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '1000'])\n7")
+    count = "import os\nlen([p for p in os.listdir('/proc') if p.isdigit()])"
+    with Sandbox(limits()) as box:
+        assert box.run(count, Check(answer="3")).reason is None  # bwrap's init, the zygote and the harness
+        assert box.run(daemon, Check(answer="7")).reason is None
+        assert box.run(count, Check(answer="3")).reason is None  # the daemon is gone
+        assert box.starts == 1
+
+
+@needs_bwrap
+def test_a_verification_cannot_reach_the_zygote_or_its_channel(nothing_escapes):
+    with Sandbox(limits()) as box:
+        for path in ("/proc/%d/mem", "/proc/%d/fd/1", "/proc/%d/environ"):
+            v = box.run(f"import os\nopen({path!r} % os.getppid(), 'rb')", PASSES)
+            assert v.reason == "crash" and "Permission denied" in v.detail, v
+        v = box.run("import os\nos.write(3, b'x')", PASSES)  # no descriptor but its own three
+        assert v.reason == "crash" and "Bad file descriptor" in v.detail
+        assert box.starts == 1
+
+
+@needs_bwrap
+@pytest.mark.parametrize("code,reason,starts", [
+    ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", "crash", 2),  # the zygote is gone: restart
+    ("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n7", "timeout", 2),  # it no longer answers
+    ("import os\nos.makedirs('/tmp/d/e')\nos.chmod('/tmp/d', 0)\n7", None, 2),  # /tmp cannot be emptied
+    ("import time\ntime.sleep(1000)", "timeout", 1),  # the zygote kills it and goes on
+    ("while True:\n    pass", "timeout", 1),
+    ("print('x' * (1 << 20))", "output_limit", 1),
+])
+def test_a_verification_that_breaks_the_sandbox_only_costs_a_restart(code, reason, starts, nothing_escapes):
+    with Sandbox(limits(max_output_kb=64, **FAST)) as box:
+        assert box.run(code, Check(answer="7") if reason is None else PASSES).reason == reason
+        v = box.run("import os\nsorted(os.listdir('/tmp'))", Check(answer="[]"))
+        assert v.reason is None and box.starts == starts
