@@ -264,7 +264,7 @@ def make_report(run_dirs: Sequence[str], out_dir: str, labels: Sequence[str] | N
         runs[label] = (d, *load_metrics(d))
     curves_by_run, notes = {}, []
     for label, (d, series, _) in runs.items():
-        curves_by_run[label], problems = curves(series, _eval_table(d))
+        curves_by_run[label], problems = curves(series, eval_table(d))
         notes += [f"{label}/{p}" for p in problems]
     gao = gao_lines(curves_by_run, notes)
     try:
@@ -311,7 +311,7 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
     lines += ["| run | policy | " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * len(cols)]
     notes = []
     for label, (d, _, bad) in runs.items():
-        table = _eval_table(d)
+        table = eval_table(d)
         for policy, m in (table or {}).get("policies", {}).items():
             lines.append(f"| {label} | {policy} | " + " | ".join(f"{m[c]:.3f}" if c in m else "-" for c in cols) + " |")
         if table and "win_rate" in table:
@@ -332,7 +332,7 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
 NO_MATPLOTLIB = "(plots skipped: matplotlib is not installed; pip install 'rlhfkit[report]')"
 
 
-def _eval_table(run_dir: str) -> dict[str, Any] | None:
+def eval_table(run_dir: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(run_dir, "eval.json")) as f:
             return json.load(f)

@@ -88,11 +88,9 @@ class RL:
         def evaluate(i: int) -> None:
             """Gold, proxy and KL to SFT after step ``i``: always the same held-out prompts and
             sampling stream, so the points of the over-optimisation curve (``rlhfkit report``)
-            differ only by the policy. The reward source's own metrics from scoring them are
-            the evaluation's (``eval/reward/...``), not the next step's."""
+            differ only by the policy."""
             evaluation = ctx.evaluate(policy, reference, reward, eval_prompts, stream=ctx.name)
-            scoring = optional(reward, RewardSource, "metrics")()
-            ctx.out.log(ctx.name, i, {f"eval/{k}": v for k, v in {**evaluation.metrics, **scoring}.items()})
+            ctx.out.log(ctx.name, i, {f"eval/{k}": v for k, v in evaluation.metrics.items()})
 
         def step(i: int) -> StepResult:
             if cfg.eval_every and i == 1:

@@ -111,15 +111,15 @@ def _overopt_run(path, alpha=0.2, beta=0.15, step0=True, evals=True):
 
 
 def test_curves_take_the_step0_evaluation_as_origin_and_eval_json_as_the_end(tmp_path):
-    from rlhfkit.report import _eval_table, load_metrics
+    from rlhfkit.report import eval_table, load_metrics
 
     _overopt_run(tmp_path / "a")
-    (c,), notes = curves(load_metrics(str(tmp_path / "a"))[0], _eval_table(str(tmp_path / "a")))
+    (c,), notes = curves(load_metrics(str(tmp_path / "a"))[0], eval_table(str(tmp_path / "a")))
     assert [p.step for p in c.points] == list(range(0, 101, 10)) and notes == []
     assert c.base.gold == 0.6 and c.origin == "rl evaluation at step 0"  # not eval.json's sft row (0.59)
     assert c.points[-1].d == 4.0
     _overopt_run(tmp_path / "b", step0=False)
-    (c,), _ = curves(load_metrics(str(tmp_path / "b"))[0], _eval_table(str(tmp_path / "b")))
+    (c,), _ = curves(load_metrics(str(tmp_path / "b"))[0], eval_table(str(tmp_path / "b")))
     assert c.base.gold == 0.59 and c.origin.startswith("eval.json sft row")
 
 
