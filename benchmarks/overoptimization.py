@@ -1,81 +1,80 @@
-"""Issue #3 target: over-optimisation (Gao et al. 2022) on the synthetic suite.
+"""Issue 17 target: over-optimisation (Gao et al. 2022) on a built-in suite.
 
-Runs ``experiment=overoptimization`` (long RL stage, slow learning rate, evaluated as it
-goes) twice, differing only in the KL coefficient: 0 and ``--kl-coef``. Prints gold reward, proxy (RM) reward and KL to SFT against RL steps, then a
-summary: where gold peaked, how far it fell, whether proxy kept rising, and the largest KL
-each run reached. Measurements only; nothing is asserted.
+Runs ``experiment=overoptimization`` (no KL penalty, a long RL stage evaluated every few
+steps from step 0) and the same with ``algorithm.kl_coef=--kl-coef``, and with
+``--ensemble`` a third run scored by ``reward=ensemble`` (KL off too). Prints each run's
+evaluations (step, KL, d = sqrt(KL), gold, proxy) and the over-optimisation table of
+``rlhfkit report``: Gao et al.'s R(d) = d (alpha - beta log d) fitted to the gold gain over
+SFT (alpha, beta, R^2), and where gold peaked (step, d, gold, gain over SFT). The report
+itself (plots against d, runs overlaid) is written to ``<root>/report``. Measurements
+only; nothing is asserted.
 
-    python benchmarks/overoptimization.py [--kl-coef 0.1] [--seed 0] [-- overrides]
+    python benchmarks/overoptimization.py [--kl-coef 0.1] [--seed 0] [--ensemble ['reward.x=y ...']]
+                                          [--root DIR] [-- overrides]
+
+The SFT and RM stages run once (in the no-KL run); the other runs reuse them
+(``from_run=``, ``stages=[rl]``), so the runs differ only in what the RL stage does.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
 
-from omegaconf import OmegaConf
-
-
-def curve(run_dir: str) -> list[dict]:
-    rows = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["stage"] == "rl" and "eval/gold" in r:
-                rows.append({"step": r["step"], "gold": r["eval/gold"], "proxy": r["eval/proxy"], "kl": r["eval/kl"], "length": r["eval/length"]})
-    with open(os.path.join(run_dir, "eval.json")) as f:
-        final = json.load(f)
-    steps = int(OmegaConf.load(os.path.join(run_dir, "config.yaml")).rl.steps)
-    sft, rl = final["policies"]["sft"], final["policies"]["rl"]
-    start = {"step": 0, "gold": sft["gold"], "proxy": sft["proxy"], "kl": 0.0, "length": sft["length"]}
-    end = {"step": steps, "gold": rl["gold"], "proxy": rl["proxy"], "kl": rl["kl"], "length": rl["length"]}
-    return [start, *rows, end]
+from rlhfkit.report import curves, eval_table, load_metrics, make_report
 
 
-def run(name: str, overrides: list[str], root: str) -> list[dict]:
+def run(name: str, overrides: list[str], root: str) -> str:
     run_dir = os.path.join(root, name)
     cmd = [sys.executable, "-m", "rlhfkit.cli", f"hydra.run.dir={run_dir}", *overrides]
+    print(f"$ rlhfkit {' '.join(shlex.quote(o) for o in [f'hydra.run.dir={run_dir}', *overrides])}", flush=True)
+    t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{name} failed")
-    return curve(run_dir)
+    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+    return run_dir
 
 
-def summarise(name: str, rows: list[dict]) -> None:
-    print(f"\n{name}")
-    print(f"{'step':>6} {'gold':>8} {'proxy':>8} {'kl':>8} {'length':>7}")
-    for r in rows:
-        print(f"{r['step']:>6} {r['gold']:>8.3f} {r['proxy']:>8.3f} {r['kl']:>8.2f} {r['length']:>7.2f}")
-    peak = max(rows, key=lambda r: r["gold"])
-    last = rows[-1]
-    print(
-        f"gold peaks at {peak['gold']:.3f} (step {peak['step']}) and ends at {last['gold']:.3f} "
-        f"({last['gold'] - peak['gold']:+.3f}); proxy {rows[0]['proxy']:.3f} -> {peak['proxy']:.3f} at the gold peak "
-        f"-> {last['proxy']:.3f} at the end; max KL {max(r['kl'] for r in rows):.2f} nats"
-    )
+def show(name: str, run_dir: str) -> None:
+    print(f"\n{name} ({run_dir})")
+    found, notes = curves(load_metrics(run_dir)[0], eval_table(run_dir))
+    for c in found:
+        print(f"{'step':>6} {'kl':>8} {'d':>7} {'gold':>7} {'proxy':>7}")
+        for p in c.points:
+            proxy = f"{p.proxy:>7.3f}" if p.proxy is not None else f"{'-':>7}"
+            print(f"{p.step:>6} {p.kl:>8.3f} {p.d:>7.3f} {p.gold:>7.3f} {proxy}")
+    for n in notes:
+        print(f"  {n}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kl-coef", type=float, default=0.1, help="the KL coefficient of the second run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="write both curves as JSON here")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--ensemble", nargs="?", const="", default=None,
+                    help="add a run with reward=ensemble (and these overrides, quoted), KL off")
+    ap.add_argument("--root", default=None, help="where the runs go (default: a new temporary directory)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. data=... rl.steps=...)")
     args = ap.parse_args()
-    root = tempfile.mkdtemp(prefix="rlhfkit-overopt-")
+    root = args.root or tempfile.mkdtemp(prefix="rlhfkit-overopt-")
     common = ["experiment=overoptimization", f"seed={args.seed}", *args.overrides]
-    no_kl = run("no_kl", common, root)
-    with_kl = run("with_kl", [*common, f"algorithm.kl_coef={args.kl_coef}"], root)
-    summarise("KL penalty off (algorithm.kl_coef=0)", no_kl)
-    summarise(f"KL penalty on (algorithm.kl_coef={args.kl_coef})", with_kl)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"no_kl": no_kl, "with_kl": with_kl}, f, indent=2)
+    runs = {"no-KL": run("no_kl", common, root)}
+    rl_only = [*common, f"from_run={runs['no-KL']}", "stages=[rl]"]
+    runs[f"KL {args.kl_coef:g}"] = run("kl", [*rl_only, f"algorithm.kl_coef={args.kl_coef}"], root)
+    if args.ensemble is not None:
+        runs["ensemble no-KL"] = run("ensemble", [*common, "reward=ensemble", *shlex.split(args.ensemble)], root)
+    for name, run_dir in runs.items():
+        show(name, run_dir)
+    path, gao, _ = make_report(list(runs.values()), os.path.join(root, "report"), list(runs))
+    print("\n" + "\n".join(gao))
+    print(f"\nreport: {path}")
 
 
 if __name__ == "__main__":

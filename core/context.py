@@ -4,6 +4,7 @@ against the policy's context)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -104,23 +105,34 @@ class StageContext:
     def device(self) -> torch.device:
         return self.backend.device
 
-    def train(self, total: int, log_every: int, step_fn: StepFn, tracked: TrackingBackend, state: dict[str, Any]) -> None:
-        """Run ``step_fn`` for steps 1..``total`` in the shared loop (:class:`rlhfkit.loop.Loop`)."""
-        self.loop.run(self.name, total, log_every, step_fn, tracked, state)
+    def train(self, total: int, log_every: int, step_fn: StepFn, tracked: TrackingBackend, state: dict[str, Any],
+              part: str = "") -> None:
+        """Run ``step_fn`` for steps 1..``total`` in the shared loop (:class:`rlhfkit.loop.Loop`).
+        A stage that trains several models one after the other (an ensemble's members)
+        names each ``part``: it is logged, checkpointed and resumed as ``<stage>/<part>``."""
+        self.loop.run(f"{self.name}/{part}" if part else self.name, total, log_every, step_fn, tracked, state)
 
     def save(self, obj: Any) -> str:
         """Gather the (possibly sharded) weights on every rank and write the stage's
         product, a Hugging Face directory with a manifest, atomically on rank 0."""
-        path = os.path.join(self.run_dir, self.name)
-        with self.backend.gathered(getattr(obj, "model", obj)):  # a Policy holds .model; a RewardModel is the module
+        path = self.write(obj, os.path.join(self.run_dir, self.name))
+        self.products[self.name] = path
+        if self.out.main:
+            self.out.hook.rlhfkit_checkpoint_saved(stage=self.name, path=path)
+        return path
+
+    def write(self, obj: Any, path: str) -> str:
+        """Write ``obj`` (its ``save(dir)``) to ``path`` as :meth:`save` writes a product,
+        with a manifest, atomically on rank 0: also for a finished part of a stage that a
+        resumed run takes as it is (an ensemble's trained member)."""
+        weights = getattr(obj, "model", obj)  # a Policy holds .model; a RewardModel is the module
+        # (an object that only copies files already written has no weights to gather)
+        with self.backend.gathered(weights) if isinstance(weights, torch.nn.Module) else contextlib.nullcontext():
             if self.out.main:
                 with atomic_directory(path, on_no_space=lambda: self.loop.no_space(self.name)) as tmp:
                     obj.save(tmp)
                     write_manifest(tmp, stage=self.name, kind="stage")
         self.backend.barrier()
-        self.products[self.name] = path
-        if self.out.main:
-            self.out.hook.rlhfkit_checkpoint_saved(stage=self.name, path=path)
         return path
 
     def load_policy(self, product: str = "sft", frozen: bool = True) -> Policy:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.interfaces import Backend, Generator, Labeller, Policy, RewardSource, RolloutConfig
+from rlhfkit.interfaces import Backend, Generator, Labeller, Policy, RewardSource, RolloutConfig, optional
 from rlhfkit.rlhf.masked import masked_sum
 from rlhfkit.rlhf.rollout import any_alive_fn, policy_logprobs
 
@@ -40,13 +40,17 @@ class EvalResult:
 def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, prompts: Sequence[str], *,
              generator: Generator, backend: Backend, rollout: RolloutConfig, batch_size: int, seed: int,
              stream: str, labeller: Labeller | None) -> EvalResult:
-    """Mean gold reward, proxy reward, KL to ``reference`` and EOS rate of ``policy``'s samples.
+    """Mean gold reward, proxy reward, KL to ``reference`` and EOS rate of ``policy``'s samples,
+    and the reward source's own metrics of scoring them (:meth:`RewardSource.metrics`: an
+    ensemble's disagreement).
 
     Each ``stream`` (sft, rl, ...) samples from its own fixed seed: reproducible, and
     independent of the other policies'. Were the streams shared, inverse-CDF sampling would
     couple SFT's and RL's responses (the same uniforms pick the same tokens where the
     policies agree), and the win rate would not compare independent draws as InstructGPT's
     does. The global RNG is left as it was."""
+    source_metrics = optional(reward, RewardSource, "metrics") if reward is not None else dict
+    source_metrics()  # what the source measured before (the caller has read it): not these samples'
     was_training = policy.model.training
     policy.model.eval()
     gen = torch.random.get_rng_state()
@@ -68,6 +72,7 @@ def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, pro
     metrics = {"kl": float(torch.cat(kls).mean()), "eos_rate": float(torch.cat(ended).mean())}
     if reward is not None:
         metrics["proxy"] = float(torch.cat(proxies).mean())
+        metrics |= source_metrics()  # e.g. an ensemble's disagreement on these samples
     gold = None
     if labeller is not None:
         gold = labeller.score(prompts, responses)

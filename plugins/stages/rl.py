@@ -34,7 +34,9 @@ class RLConfig:
     """Recompute activations in the backward pass (policy and critic): less memory, ~30%
     more compute."""
     eval_every: int = bounded(0, ge=0)
-    """Evaluate on held-out prompts every N iterations (0: only at the end)."""
+    """Evaluate on held-out prompts before the first iteration and every N after it (0: only
+    at the end): gold, proxy and KL to SFT as ``eval/*``, the points ``rlhfkit report``
+    plots against d = sqrt(KL) and fits (Gao et al. 2022)."""
     log_every: int = bounded(5, ge=1)
 
     def validate(self, run: RunInfo) -> None:
@@ -83,14 +85,22 @@ class RL:
         batches = Batches(len(prompts), cfg.prompts_per_step, ctx.seed + 2)
         eval_prompts = ctx.eval_prompts(tok)
 
+        def evaluate(i: int) -> None:
+            """Gold, proxy and KL to SFT after step ``i``: always the same held-out prompts and
+            sampling stream, so the points of the over-optimisation curve (``rlhfkit report``)
+            differ only by the policy."""
+            evaluation = ctx.evaluate(policy, reference, reward, eval_prompts, stream=ctx.name)
+            ctx.out.log(ctx.name, i, {f"eval/{k}": v for k, v in evaluation.metrics.items()})
+
         def step(i: int) -> StepResult:
+            if cfg.eval_every and i == 1:
+                evaluate(0)  # the SFT policy: the curve's origin, d = 0
             t0 = time.time()
             result = algorithm.step(rl.more_prompts())
             metrics = ctx.out.mean_over_ranks({**result.metrics, **optional(reward, RewardSource, "metrics")()})
             metrics["perf/step_s"] = time.time() - t0
             if cfg.eval_every and i % cfg.eval_every == 0 and i != cfg.steps:
-                evaluation = ctx.evaluate(policy, reference, reward, eval_prompts, stream=ctx.name)
-                ctx.out.log(ctx.name, i, {f"eval/{k}": v for k, v in evaluation.metrics.items()})
+                evaluate(i)
             return StepResult(metrics, result.kl)
 
         ctx.train(cfg.steps, cfg.log_every, step, tracked, {"batches": batches, "algorithm": algorithm})

@@ -1,10 +1,29 @@
 """``stages=[...,rm,...]``: the reward model, trained on K-wise ranked comparisons of the
 SFT policy's samples (InstructGPT section 3.5, eq. 1). Its product ``rm/`` is what
-``reward=model`` scores RL rollouts with."""
+``reward=model`` scores RL rollouts with.
+
+``rm.ensemble_size=K`` trains K reward models one after the other (Coste et al. 2023,
+"Reward Model Ensembles Help Mitigate Overoptimization"), each from its own seed (its head's
+initialisation and its batch order) and, with ``rm.bootstrap=true``, on its own bootstrap
+resample of the comparisons. Each member is normalised on its own. The product is then::
+
+    rm/                member 0: what reward=model, a value model and from_run read
+    rm/members/<k>/    members 1 .. K-1, each a reward-model directory like rm/ itself
+    rm/ensemble.json   the members' directories, held-out accuracies and biases
+
+and ``reward=ensemble`` scores with all of them. Member 0 is trained exactly as the single
+reward model of ``rm.ensemble_size=1`` is (same seed, same data, same checkpoints), so with
+``rm.bootstrap=false`` ``reward=model`` on an ensemble's product is the single-RM run. A
+finished member is kept under ``checkpoints/rm/member-<k>/trained/`` until the product is
+written: a run killed mid-ensemble resumes at the member it was training."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
@@ -12,8 +31,9 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.checkpoint import MANIFEST, verify
 from rlhfkit.context import StageContext
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import Comparison, RewardModel, RewardModelLoader, StepResult, optional
 from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.losses import comparison_pairs, kwise_loss, pairwise_loss
@@ -46,6 +66,97 @@ class RMConfig:
     normalize: bool = True
     """Shift rewards so the SFT demonstrations score mean 0."""
     log_every: int = bounded(25, ge=1)
+    ensemble_size: int = bounded(1, ge=1)
+    """Reward models to train, each from its own seed (Coste et al. 2023); 1: one, as in
+    InstructGPT. ``reward=ensemble`` scores with all of them."""
+    bootstrap: bool = False
+    """Train each member on its own bootstrap resample of the training comparisons (as many,
+    drawn with replacement), so that members differ in their data as well as their seed."""
+
+
+ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "members"
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Member ``k``'s seed (its head's initialisation, batch order and bootstrap sample);
+    member 0 keeps the single reward model's (``seed + 1``)."""
+    return seed + 1 + 7919 * k
+
+
+def bootstrap(units: Sequence[Any], seed: int) -> list[Any]:
+    """A bootstrap resample: ``len(units)`` drawn with replacement, from a private generator
+    (the global RNG is left as it was)."""
+    idx = torch.randint(len(units), (len(units),), generator=torch.Generator().manual_seed(seed))
+    return [units[i] for i in idx.tolist()]
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The directories of the reward models in the ``rm`` product at ``path``: member 0 (the
+    product itself) and, for an ensemble, ``members/<k>``."""
+    meta = os.path.join(path, ENSEMBLE_FILE)
+    if not os.path.isfile(meta):
+        return [path]
+    try:
+        with open(meta) as f:
+            members = json.load(f)["members"]
+        return [os.path.normpath(os.path.join(path, m)) for m in members]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta} is unreadable ({exc}): train the rm stage again.") from None
+
+
+def accuracy_of(rewards: torch.Tensor, comparisons: Sequence[Comparison]) -> float:
+    """The fraction of strictly ordered pairs that ``rewards`` (one per completion, in
+    order) order the same way as the labels."""
+    if not comparisons:
+        return float("nan")
+    win, lose, _ = comparison_pairs([c.scores for c in comparisons])
+    return float((rewards[win] > rewards[lose]).float().mean())
+
+
+def link_tree(src: str, dst: str, skip: frozenset[str] = frozenset()) -> None:
+    """Hard-link (or, across file systems, copy) every file under ``src`` into ``dst``,
+    but the top-level ``skip`` names."""
+    for d, _, names in os.walk(src):
+        rel = os.path.relpath(d, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for n in names:
+            if rel == "." and n in skip:
+                continue
+            a, b = os.path.join(d, n), os.path.normpath(os.path.join(dst, rel, n))
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+
+
+class Member:
+    """A trained member as written under ``checkpoints/rm/member-<k>/trained/``: the reward
+    model and what the ensemble's report needs of it (``member.json``)."""
+
+    def __init__(self, model: RewardModel, record: dict[str, Any]):
+        self.model, self.record = model, record
+
+    def save(self, path: str) -> None:
+        self.model.save(path)
+        with open(os.path.join(path, MEMBER_FILE), "w") as f:
+            json.dump(self.record, f)
+
+
+class EnsembleProduct:
+    """The ``rm`` product of an ensemble, assembled from the trained members' directories."""
+
+    def __init__(self, trained: list[str], info: dict[str, Any]):
+        self.trained, self.info = trained, info
+
+    def save(self, path: str) -> None:
+        skip = frozenset({MANIFEST, MEMBER_FILE})
+        members = ["."]
+        link_tree(self.trained[0], path, skip)
+        for k, src in enumerate(self.trained[1:], start=1):
+            members.append(f"{MEMBERS_DIR}/{k}")
+            link_tree(src, os.path.join(path, MEMBERS_DIR, str(k)), skip)
+        with open(os.path.join(path, ENSEMBLE_FILE), "w") as f:
+            json.dump({"members": members, **self.info}, f, indent=2)
 
 
 def as_pairs(comparisons: Sequence[Comparison]) -> list[tuple[str, str, str]]:
@@ -65,7 +176,6 @@ class RM:
         self.cfg = cfg
 
     def run(self, ctx: StageContext) -> None:
-        cfg, backend, loader = self.cfg, ctx.backend, ctx.components["reward_model"]
         seed_everything(ctx.seed + 1)
         # from the product on disk (what a stage run alone does): the SFT stage's object may be sharded
         sft = ctx.load_policy("sft")
@@ -76,16 +186,34 @@ class RM:
         ctx.data.report()
         if not train:
             raise ConfigError("The dataset has no usable comparisons for the reward model (train split).")
-        base = optional(loader, RewardModelLoader, "base_model") or ctx.products["sft"]
+        base = optional(ctx.components["reward_model"], RewardModelLoader, "base_model") or ctx.products["sft"]
+        self.sft_tok = sft.tokenizer
+        if self.cfg.ensemble_size == 1:
+            rm, metrics, steps, _ = self.train_member(ctx, base, train, test, 0)
+            ctx.out.log("rm", steps, metrics)
+            ctx.save(rm)
+        else:
+            self.ensemble(ctx, base, train, test)
+
+    def train_member(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison],
+                     k: int) -> tuple[RewardModel, dict[str, float], int, torch.Tensor]:
+        """Train reward model ``k`` of the ensemble (0: the single one) and normalise it.
+        Returns it, its metrics, its step count and its held-out scores (one per completion)."""
+        cfg, backend, loader = self.cfg, ctx.backend, ctx.components["reward_model"]
+        seed = member_seed(ctx.seed, k)
+        if k:  # member 0 draws from the stream seeded by run(), as the single reward model does
+            seed_everything(seed)
         rm = loader.build(base, ctx.components["reward_head"])
-        self.tok = optional(rm, RewardModel, "tokenizer") or sft.tokenizer  # the RM reads text with its own tokenizer
+        self.tok = optional(rm, RewardModel, "tokenizer") or self.sft_tok  # the RM reads text with its own tokenizer
         self.context = reward_model_context(rm) or ctx.data.context
         units = train if cfg.loss == RMLoss.kwise else as_pairs(train)
+        if cfg.bootstrap:
+            units = bootstrap(units, seed)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
         optimizer, scheduler = adamw_cosine(rm.parameters(), cfg, steps)
         tracked = TrackingBackend(backend)
         engine = tracked.prepare(rm, optimizer, scheduler, cfg.max_grad_norm, batch_size=cfg.batch_size)
-        batches = Batches(len(units), cfg.batch_size, ctx.seed + 1)
+        batches = Batches(len(units), cfg.batch_size, seed)
         loss_fn = {RMLoss.kwise: self.kwise, RMLoss.pairwise: self.pairwise}[cfg.loss]
 
         def step(_: int) -> StepResult:
@@ -97,16 +225,56 @@ class RM:
             return StepResult({"loss/rm": loss.item(), "rm/train_accuracy": acc.item(), "lr": scheduler.get_last_lr()[0],
                                "grad_norm": grad_norm})
 
-        ctx.train(steps, cfg.log_every, step, tracked, {"batches": batches})
+        ctx.train(steps, cfg.log_every, step, tracked, {"batches": batches}, part=f"member-{k}" if k else "")
         rm.eval()
-        metrics = {"rm/accuracy": self.accuracy(ctx, rm, test)}
+        heldout = self.scores(ctx, rm, [c.prompt for c in test for _ in c.responses],
+                              [r for c in test for r in c.responses]) if test else torch.zeros(0)
+        metrics = {"rm/accuracy": accuracy_of(heldout, test)}
         if cfg.normalize:
             demos = ctx.components["data"].sft_examples("train")[: ctx.eval.num_prompts]
             bias = float(self.scores(ctx, rm, [d.prompt for d in demos], [d.response for d in demos]).mean() + rm.bias)
             rm.set_bias(bias)
             metrics["rm/bias"] = bias
-        ctx.out.log("rm", steps, metrics)
-        ctx.save(rm)
+        return rm, metrics, steps, heldout
+
+    def ensemble(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison]) -> None:
+        """Train the members one at a time, each written when done (a resumed run takes the
+        finished ones as they are), then assemble the product and report each member's
+        held-out accuracy and the ensemble's (of the members' mean score)."""
+        K, root = self.cfg.ensemble_size, os.path.join(ctx.run_dir, "checkpoints", ctx.name)
+        records, trained = [], []
+        for k in range(K):
+            done = os.path.join(root, f"member-{k}", "trained")
+            if os.path.isdir(done) and verify(done) is None:
+                with open(os.path.join(done, MEMBER_FILE)) as f:
+                    record = json.load(f)
+                ctx.out.say(f"[{ctx.name}] member {k} already trained in {done}: taking it")
+            else:
+                rm, metrics, steps, heldout = self.train_member(ctx, base, train, test, k)
+                record = {"steps": steps, "accuracy": metrics["rm/accuracy"], "bias": metrics.get("rm/bias", 0.0),
+                          "heldout_scores": heldout.tolist()}
+                ctx.write(Member(rm, record), done)
+                del rm
+            ctx.out.log(f"{ctx.name}/member-{k}", record["steps"],
+                        {"rm/accuracy": record["accuracy"], "rm/bias": record["bias"]})
+            records.append(record)
+            trained.append(done)
+        heldout = torch.tensor([r["heldout_scores"] for r in records])  # (K, completions)
+        accuracy = accuracy_of(heldout.mean(0), test) if test else float("nan")
+        metrics = {"rm/accuracy": accuracy, "rm/ensemble_size": float(K),
+                   "rm/member_accuracy_mean": sum(r["accuracy"] for r in records) / K}
+        for k, r in enumerate(records):
+            metrics[f"rm/member/{k}/accuracy"] = r["accuracy"]
+            metrics[f"rm/member/{k}/bias"] = r["bias"]
+        ctx.out.log(ctx.name, records[0]["steps"], metrics)
+        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy,
+                "member_accuracy": [r["accuracy"] for r in records], "member_bias": [r["bias"] for r in records]}
+        ctx.save(EnsembleProduct(trained, info))
+        if ctx.out.main:  # the product holds them now (hard links: no copy was made)
+            for done in trained:
+                shutil.rmtree(done, ignore_errors=True)
+                with contextlib.suppress(OSError):  # and the member's directory, unless it holds checkpoints
+                    os.rmdir(os.path.dirname(done))
 
     # The losses over this rank's share of a batch, normalised so that the average over
     # ranks is the loss over the whole batch.
@@ -135,15 +303,6 @@ class RM:
             with ctx.backend.autocast():
                 out.append(rm(e.input_ids, e.attention_mask).float())
         return torch.cat(out)
-
-    def accuracy(self, ctx: StageContext, rm: RewardModel, comparisons: Sequence[Comparison]) -> float:
-        """Held-out accuracy: the fraction of strictly ordered pairs the RM orders the same way."""
-        if not comparisons:
-            return float("nan")
-        rewards = self.scores(ctx, rm, [c.prompt for c in comparisons for _ in c.responses],
-                              [r for c in comparisons for r in c.responses])
-        win, lose, _ = comparison_pairs([c.scores for c in comparisons])
-        return float((rewards[win] > rewards[lose]).float().mean())
 
 
 @hookimpl

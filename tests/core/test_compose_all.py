@@ -34,7 +34,8 @@ def clean_dist_env(monkeypatch):
 
 # options that need a setting to build (files are read lazily, so none need to exist)
 REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"],
-            ("reward", "format"): ["reward.pattern=x"], ("reward", "combined"): ["reward.terms={model: 1.0, length: 0.5}"]}
+            ("reward", "format"): ["reward.pattern=x"], ("reward", "combined"): ["reward.terms={model: 1.0, length: 0.5}"],
+            ("reward", "ensemble"): ["rm.ensemble_size=2"]}
 
 
 @pytest.mark.parametrize("group,name", _options())

@@ -1,4 +1,6 @@
 import json
+import math
+import random
 
 import pytest
 
@@ -41,3 +43,135 @@ def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path)])
     assert exc.value.code == 2 and "has no metrics.jsonl" in capsys.readouterr().err
+
+
+# -- over-optimisation: gold and proxy against d = sqrt(KL), Gao et al.'s fit ----------------
+
+from rlhfkit.report import Curve, Point, curves, fit_gao, peak  # noqa: E402
+
+
+def gao(d, alpha, beta):
+    return d * (alpha - beta * math.log(d))
+
+
+def test_the_gao_fit_recovers_alpha_and_beta_exactly():
+    ds = [0.3, 0.6, 1.0, 1.5, 2.2, 3.0]
+    fit = fit_gao(ds, [gao(d, 0.12, 0.09) for d in ds])
+    assert fit.alpha == pytest.approx(0.12, abs=1e-12) and fit.beta == pytest.approx(0.09, abs=1e-12)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12) and fit.n == 6
+    assert fit.d_peak == pytest.approx(math.exp(0.12 / 0.09 - 1))
+    assert fit(0.0) == 0.0 and fit(1.0) == pytest.approx(0.12)
+
+
+def test_the_gao_fit_on_noisy_points_gives_r2_below_one_and_near_the_truth():
+    rng = random.Random(0)
+    ds = [0.1 * i for i in range(1, 41)]
+    ys = [gao(d, 0.1, 0.08) + rng.gauss(0, 0.01) for d in ds]
+    fit = fit_gao(ds, ys)
+    mean = sum(ys) / len(ys)
+    res = sum((y - gao(d, fit.alpha, fit.beta)) ** 2 for d, y in zip(ds, ys))
+    assert fit.r2 == pytest.approx(1 - res / sum((y - mean) ** 2 for y in ys))
+    assert 0.8 < fit.r2 < 1.0
+    assert fit.alpha == pytest.approx(0.1, abs=0.01) and fit.beta == pytest.approx(0.08, abs=0.01)
+    # pure noise around 0: nothing to explain
+    assert fit_gao(ds, [rng.gauss(0, 0.01) for _ in ds]).r2 < 0.3
+
+
+def test_the_gao_fit_refuses_points_that_cannot_determine_it():
+    assert fit_gao([0.5, 1.0], [0.1, 0.1]) is None  # two points for two coefficients
+    assert fit_gao([0.0, 0.0, 0.0, 1.0, 2.0], [0, 0, 0, 0.1, 0.1]) is None  # d = 0 carries nothing
+    assert fit_gao([0.7, 0.7, 0.7], [0.1, 0.2, 0.3]) is None  # one distance: features collinear
+
+
+def test_peak_is_the_highest_gold_and_the_earliest_of_equals():
+    c = Curve("rl", [Point(0, 0.0, 0.6, 0.0), Point(10, 0.25, 0.7, 0.3), Point(20, 1.0, 0.7, 0.5),
+                     Point(30, 4.0, 0.4, 0.9)], "rl evaluation at step 0")
+    top = peak(c)
+    assert (top.step, top.d, top.gold) == (10, 0.5, 0.7)
+    assert c.gains("gold") == pytest.approx([0, 0.1, 0.1, -0.2]) and c.gains("proxy") == pytest.approx([0, 0.3, 0.5, 0.9])
+    assert Point(1, -1e-4, 0.5, None).d == 0.0  # a sampled KL a hair below 0
+
+
+def _overopt_run(path, alpha=0.2, beta=0.15, step0=True, evals=True):
+    """A run evaluated every 10 steps whose gold follows Gao's curve; the last point is eval.json's."""
+    path.mkdir()
+    rows = [{"stage": "sft", "step": 1, "loss/sft": 1.0}]
+    for s in range(0 if step0 else 10, 100, 10):
+        d = s / 25
+        rows.append({"stage": "rl", "step": s, "rollout/kl": d * d})
+        if evals:
+            rows.append({"stage": "rl", "step": s, "eval/gold": 0.6 + (gao(d, alpha, beta) if d else 0.0),
+                         "eval/proxy": 0.1 * d, "eval/kl": d * d})
+    rows.append({"stage": "rl", "step": 100, "rollout/kl": 16.0})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    final = {"gold": 0.6 + gao(4.0, alpha, beta), "proxy": 0.4, "kl": 16.0}
+    table = {"num_prompts": 8, "policies": {"sft": {"gold": 0.59, "proxy": 0.0, "kl": 0.0}, "rl": final},
+             "win_rate": 0.5, "tie_rate": 0.1, "gold_improvement": final["gold"] - 0.59}
+    (path / "eval.json").write_text(json.dumps(table))
+
+
+def test_curves_take_the_step0_evaluation_as_origin_and_eval_json_as_the_end(tmp_path):
+    from rlhfkit.report import eval_table, load_metrics
+
+    _overopt_run(tmp_path / "a")
+    (c,), notes = curves(load_metrics(str(tmp_path / "a"))[0], eval_table(str(tmp_path / "a")))
+    assert [p.step for p in c.points] == list(range(0, 101, 10)) and notes == []
+    assert c.base.gold == 0.6 and c.origin == "rl evaluation at step 0"  # not eval.json's sft row (0.59)
+    assert c.points[-1].d == 4.0
+    _overopt_run(tmp_path / "b", step0=False)
+    (c,), _ = curves(load_metrics(str(tmp_path / "b"))[0], eval_table(str(tmp_path / "b")))
+    assert c.base.gold == 0.59 and c.origin.startswith("eval.json sft row")
+
+
+def test_report_plots_gold_and_proxy_against_d_and_prints_the_fit(tmp_path, capsys):
+    _overopt_run(tmp_path / "no_kl")
+    _overopt_run(tmp_path / "kl", alpha=0.05, beta=0.01)
+    out = tmp_path / "report"
+    main(["report", str(tmp_path / "no_kl"), str(tmp_path / "kl"), "--label", "no KL", "--label", "KL 0.1", "--out", str(out)])
+    for name in ("rl_gold_vs_d.png", "rl_proxy_vs_d.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    # the fitted curve peaks at exp(alpha / beta - 1) = 1.40; the best evaluation is at d = 1.6 (step 40)
+    g = 0.6 + gao(1.6, 0.2, 0.15)
+    assert g > 0.6 + gao(1.2, 0.2, 0.15) and g == max(0.6 + gao(s / 25, 0.2, 0.15) for s in range(10, 101, 10))
+    for text in (printed, summary):
+        assert f"| no KL | rl | 10 | 0.2000 | 0.1500 | 1.000 | 40 | 1.600 | {g:.3f} | {g - 0.6:+.3f} | 4.000 |" in text
+        assert "| KL 0.1 | rl | 10 | 0.0500 | 0.0100 | 1.000 | 100 | 4.000 |" in text  # still rising at the end (eval.json)
+    assert "![rl_gold_vs_d.png](rl_gold_vs_d.png)" in summary
+
+
+def test_report_notes_runs_it_cannot_fit(tmp_path, capsys):
+    _overopt_run(tmp_path / "none", evals=False)
+    main(["report", str(tmp_path / "none"), "--out", str(tmp_path / "r1")])
+    assert "no run logged evaluations during training: set rl.eval_every" in capsys.readouterr().out
+    path = tmp_path / "few"
+    path.mkdir()
+    rows = [{"stage": "rl", "step": s, "eval/gold": 0.6, "eval/kl": s / 10} for s in (0, 10)] + [{"stage": "rl", "step": 20}]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    main(["report", str(path), "--out", str(tmp_path / "r2")])
+    out = capsys.readouterr().out
+    assert "few/rl: too few evaluations away from SFT to fit (1; 3 at d > 0 needed)" in out
+    assert "| few | rl | 1 | - | - | - | 0 |" in out  # the peak is still marked (SFT: gold never rose)
+
+
+def test_report_bad_input_is_one_line(tmp_path, capsys):
+    for argv, message in (
+        ([str(tmp_path / "missing")], "no such directory"),
+        ([str(tmp_path), "--label", "a", "--label", "b"], "--label was given 2 time(s) for 1 run directories"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["report", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_without_matplotlib_still_prints_the_fit(tmp_path, capsys, monkeypatch):
+    import sys
+
+    _overopt_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "| run | rl | 10 | 0.2000 | 0.1500 | 1.000 |" in out and "pip install 'rlhfkit[report]'" in out
+    assert not list((tmp_path / "r").glob("*.png")) and "plots skipped" in (tmp_path / "r" / "summary.md").read_text()

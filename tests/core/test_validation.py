@@ -22,7 +22,7 @@ from ..helpers import SMOKE, compose, run_cli
 
 # options that need a setting to compose into a valid run
 REQUIRED = {("data", "files"): ["data.path=prefs.jsonl"], ("data", "jsonl"): ["data.path=prefs.jsonl"],
-            ("reward", "format"): ["reward.pattern=x"]}
+            ("reward", "format"): ["reward.pattern=x"], ("reward", "ensemble"): ["rm.ensemble_size=2"]}
 
 
 @pytest.fixture(autouse=True)

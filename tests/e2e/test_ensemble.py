@@ -1,0 +1,114 @@
+"""Reward-model ensembles through the pipeline: member 0 is the single reward model bit for
+bit and the other members differ; bootstrap resamples change the members; a run killed
+mid-ensemble resumes to the uninterrupted result; every RL algorithm runs with
+``reward=ensemble`` and reports the members' disagreement in training and evaluation."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from rlhfkit.cli import setup
+from rlhfkit.pipeline import Run
+
+from ..helpers import SMOKE, compose, run_cli
+from .test_resume import _start_and_signal
+
+pytestmark = pytest.mark.slow
+
+FAST = SMOKE + ["sft.steps=10", "eval.num_prompts=8", "logger=[jsonl]"]
+RM = ["stages=[rm]", "rm.epochs=2", "checkpoint.every=2"]
+
+
+def run(run_dir, overrides):
+    plugins, registry = setup()
+    return Run(compose(FAST + overrides), registry, plugins, str(run_dir))()
+
+
+def weights(rm_dir):
+    """Every weight file of an rm product, by its path inside it."""
+    out = {}
+    for d, _, names in os.walk(rm_dir):
+        for n in names:
+            if n.endswith(".safetensors"):
+                out[os.path.relpath(os.path.join(d, n), rm_dir)] = open(os.path.join(d, n), "rb").read()
+    return out
+
+
+def rows(run_dir):
+    return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    run(run_dir, ["stages=[sft]"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ensemble(sft, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ens") / "run"
+    run(run_dir, RM + [f"from_run={sft}", "rm.ensemble_size=2", "reward=ensemble"])
+    return run_dir
+
+
+def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble, tmp_path):
+    run(tmp_path / "single", RM + [f"from_run={sft}"])
+    single, ens = weights(tmp_path / "single" / "rm"), weights(ensemble / "rm")
+    assert set(ens) == set(single) | {f"members/1/{f}" for f in single}
+    assert all(ens[f] == single[f] for f in single)  # bit for bit: reward=model on the ensemble is the single-RM run
+    assert ens["members/1/reward_head.safetensors"] != single["reward_head.safetensors"]
+    info = json.load(open(ensemble / "rm" / "ensemble.json"))
+    assert info["members"] == [".", "members/1"] and info["bootstrap"] is False
+    logged = [r for r in rows(ensemble) if r["stage"] == "rm" and "rm/ensemble_size" in r][0]
+    assert logged["rm/ensemble_size"] == 2 and logged["rm/accuracy"] == info["accuracy"]
+    assert [logged[f"rm/member/{k}/accuracy"] for k in range(2)] == info["member_accuracy"]
+    assert {r["stage"] for r in rows(ensemble)} >= {"rm", "rm/member-1"}  # each member trains in the loop
+    assert not os.path.exists(ensemble / "checkpoints" / "rm" / "member-0")  # the trained members now live in the product
+    sft_eval = json.load(open(ensemble / "eval.json"))["policies"]["sft"]
+    assert sft_eval["reward/ensemble/std_mean"] > 0  # the evaluation reports the members' disagreement
+
+
+ARGS = RM + ["rm.ensemble_size=2", "rm.bootstrap=true", "reward=ensemble"]
+
+
+def _result(run_dir):
+    table = json.load(open(os.path.join(run_dir, "eval.json")))
+    table.pop("seconds")
+    return table, weights(os.path.join(run_dir, "rm"))
+
+
+def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_and_bootstrap_changes_members(sft, ensemble, tmp_path):
+    args = ARGS + [f"from_run={sft}"]
+    ref_dir = tmp_path / "ref"
+    run(ref_dir, args)
+    reference = _result(ref_dir)
+    boot, plain = reference[1], weights(ensemble / "rm")
+    assert json.load(open(ref_dir / "rm" / "ensemble.json"))["bootstrap"] is True
+    for f in ("reward_head.safetensors", "members/1/reward_head.safetensors"):
+        assert boot[f] != plain[f]  # same seeds, other data
+
+    run_dir = tmp_path / "run"
+    rc, _, _ = _start_and_signal(FAST + args + [f"hydra.run.dir={run_dir}"], str(tmp_path),
+                                 str(run_dir / "checkpoints" / "rm" / "member-1" / "step-00000002"), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and not (run_dir / "rm").exists()
+    assert (run_dir / "checkpoints" / "rm" / "member-0" / "trained" / "manifest.json").exists()
+    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[rm] member 0 already trained in" in r.stdout and "[rm/member-1] resuming at step" in r.stdout
+    assert _result(run_dir) == reference  # every metric and every member's weights, exactly
+
+
+@pytest.mark.parametrize("algorithm,objective", [("ppo", "uwo"), ("a2c", "wco"), ("rloo", "mean"), ("grpo", "uwo")])
+def test_every_algorithm_runs_with_the_ensemble(ensemble, tmp_path, algorithm, objective):
+    table = run(tmp_path / "rl", [f"from_run={ensemble}", "stages=[rl]", f"algorithm={algorithm}", "reward=ensemble",
+                                  f"reward.objective={objective}", "rl.steps=2", "rl.eval_every=1",
+                                  "rl.prompts_per_step=8"])
+    assert table["policies"]["rl"]["reward/ensemble/std_mean"] > 0
+    logged = [r for r in rows(tmp_path / "rl") if r["stage"] == "rl"]
+    train = [r for r in logged if "reward/proxy" in r]
+    assert len(train) == 2 and all(r["reward/ensemble/std_mean"] > 0 for r in train)
+    assert all(r["reward/ensemble/std_max"] >= r["reward/ensemble/std_mean"] for r in train)
+    assert any("eval/reward/ensemble/std_mean" in r for r in logged)  # rl.eval_every's evaluations report it too
