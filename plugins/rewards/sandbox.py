@@ -230,7 +230,7 @@ verdict("ok", passed, total)
 
 _VERDICT = re.compile(r"(\S+) (ok|syntax_error|memory|crash) (\d+) (\d+)")
 
-# The warm sandbox's init, run as `python -I [-S] -c ZYGOTE` inside bwrap (or a plain
+# The warm sandbox's init, loaded by BOOT (`python -I [-S] -c BOOT`) inside bwrap (or a plain
 # subprocess). It reads length-prefixed marshalled messages on stdin: first the set-up
 # (the harness's source, the limits), answered "ready"; then one job per verification, each
 # answered with the harness's exit status, stdout and stderr. Per job it forks a fresh child
@@ -400,6 +400,22 @@ while True:
         os._exit(0)
 '''
 
+BOOT = (
+    "# rlhfkit sandbox: reads the zygote (rlhfkit.plugins.rewards.sandbox.ZYGOTE) on stdin\n"
+    "import os\n"
+    "def _read(n):\n"
+    "    b = b''\n"
+    "    while len(b) < n:\n"
+    "        c = os.read(0, n - len(b))\n"
+    "        if not c:\n"
+    "            os._exit(0)\n"
+    "        b += c\n"
+    "    return b\n"
+    "exec(compile(_read(int.from_bytes(_read(4), 'big')), '<zygote>', 'exec'))\n"
+)
+"""The sandbox's command line (``python -I [-S] -c BOOT``): a short loader, so that ``ps``
+shows a readable line; the zygote's source comes as the first message on stdin."""
+
 STARTUP_S = 10.0
 """How long a sandbox may take to start (bwrap, the interpreter, the zygote) before it counts as broken."""
 GRACE_S = 2.0
@@ -468,7 +484,7 @@ class Sandbox:
         python = shutil.which(limits.python, path=SANDBOX_PATH)
         if python is None:
             return f"no interpreter {limits.python!r} on {SANDBOX_PATH}"
-        argv, user = [python, "-I", *([] if limits.site_packages else ["-S"]), "-c", ZYGOTE], None
+        argv, user = [python, "-I", *([] if limits.site_packages else ["-S"]), "-c", BOOT], None
         bwrap = limits.isolation == "bwrap"
         if bwrap:
             path = shutil.which(limits.bwrap)
@@ -495,6 +511,11 @@ class Sandbox:
         if info:
             os.close(info[1])
             self.info_fd = info[0]
+        zygote = ZYGOTE.encode()
+        try:
+            self.proc.stdin.write(len(zygote).to_bytes(4, "big") + zygote)
+        except (BrokenPipeError, OSError):
+            pass  # it is gone: the set-up below finds out why
         setup = marshal.dumps({"harness": HARNESS, "pidns": bwrap, "timeout_s": limits.timeout_s,
                                "cap": limits.max_output_kb << 10, "scratch": scratch}, 4)
         if self._ask(setup, time.monotonic() + max(STARTUP_S, limits.timeout_s)) == "ready":

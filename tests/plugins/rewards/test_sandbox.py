@@ -15,7 +15,7 @@ import time
 import pytest
 
 from rlhfkit.interfaces import Check
-from rlhfkit.plugins.rewards.sandbox import SANDBOX_UID, ZYGOTE, Sandbox, SandboxLimits, run_python
+from rlhfkit.plugins.rewards.sandbox import BOOT, SANDBOX_UID, Sandbox, SandboxLimits, run_python
 
 HAS_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAS_BWRAP, reason=f"bubblewrap is not installed (apt-get install -y bubblewrap)")
@@ -31,7 +31,7 @@ def limits(isolation: str = "bwrap", **kw) -> SandboxLimits:
 def sandbox_processes() -> list[str]:
     """Live (non-zombie) processes a sandbox started: those of the sandbox's uid (a root
     caller's), and any still running the zygote (a forked harness too) or bwrap."""
-    marker = ZYGOTE.strip().splitlines()[0].encode()
+    marker = BOOT.splitlines()[0].encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
