@@ -216,7 +216,7 @@ def _plot_overoptimisation(plt: Any, curves_by_run: dict[str, list[Curve]], out_
         for attr in ("gold", "proxy"):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             drawn = False
-            for label, cs in curves_by_run.items():
+            for k, (label, cs) in enumerate(curves_by_run.items()):
                 for c in (c for c in cs if c.stage == stage):
                     if any(getattr(p, attr) is None for p in c.points):
                         continue
@@ -232,7 +232,7 @@ def _plot_overoptimisation(plt: Any, curves_by_run: dict[str, list[Curve]], out_
                         top = peak(c)
                         ax.plot([top.d], [top.gold - c.base.gold], "*", ms=14, color=line.get_color())
                         ax.annotate(f"peak {top.gold:.3f} at d={top.d:.2f}", (top.d, top.gold - c.base.gold),
-                                    textcoords="offset points", xytext=(6, 6), fontsize=7)
+                                    textcoords="offset points", xytext=(6, 6 + 10 * k), fontsize=7)
             if not drawn:
                 plt.close(fig)
                 continue
