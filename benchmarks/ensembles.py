@@ -50,7 +50,8 @@ def suite_seed(suite: str, seed: int, args: argparse.Namespace, root: str) -> di
     base = [f"data={suite}", f"seed={seed}", *args.overrides]
     name = f"{suite}-s{seed}"
     rm_run = os.path.join(root, f"{name}-rm")
-    run(f"{name}-rm", [*base, "stages=[sft,rm]", f"rm.ensemble_size={args.members}",
+    # experiment=overoptimization here too: it chooses the RM's head and epochs, which the RL runs must match
+    run(f"{name}-rm", [*base, "experiment=overoptimization", "stages=[sft,rm]", f"rm.ensemble_size={args.members}",
                        f"rm.bootstrap={str(args.bootstrap).lower()}"], root)
     with open(os.path.join(rm_run, "rm", "ensemble.json")) as f:
         members = json.load(f)

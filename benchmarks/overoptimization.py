@@ -2,14 +2,15 @@
 
 Runs ``experiment=overoptimization`` (no KL penalty, a long RL stage evaluated every few
 steps from step 0) and the same with ``algorithm.kl_coef=--kl-coef``, and with
-``--ensemble`` a third run scored by ``reward=ensemble`` (KL off too). Prints each run's
+``--ensemble`` a third run scored by ``reward=ensemble`` (KL off too; by default 3
+members and the uncertainty-weighted objective). Prints each run's
 evaluations (step, KL, d = sqrt(KL), gold, proxy) and the over-optimisation table of
 ``rlhfkit report``: Gao et al.'s R(d) = d (alpha - beta log d) fitted to the gold gain over
 SFT (alpha, beta, R^2), and where gold peaked (step, d, gold, gain over SFT). The report
 itself (plots against d, runs overlaid) is written to ``<root>/report``. Measurements
 only; nothing is asserted.
 
-    python benchmarks/overoptimization.py [--kl-coef 0.1] [--seed 0] [--ensemble ['reward.x=y ...']]
+    python benchmarks/overoptimization.py [--kl-coef 0.1] [--seed 0] [--ensemble ['rm.ensemble_size=3 reward.objective=uwo']]
                                           [--root DIR] [-- overrides]
 
 The SFT and RM stages run once (in the no-KL run); the other runs reuse them
@@ -29,7 +30,12 @@ import time
 from rlhfkit.report import curves, eval_table, load_metrics, make_report
 
 
-def run(name: str, overrides: list[str], root: str) -> str:
+ENSEMBLE = ["rm.ensemble_size=3", "reward.objective=uwo"]
+"""The ``--ensemble`` run's settings unless given."""
+
+
+def launch(name: str, overrides: list[str], root: str) -> str:
+    """Run ``rlhfkit`` into ``<root>/<name>``; return that directory."""
     run_dir = os.path.join(root, name)
     cmd = [sys.executable, "-m", "rlhfkit.cli", f"hydra.run.dir={run_dir}", *overrides]
     print(f"$ rlhfkit {' '.join(shlex.quote(o) for o in [f'hydra.run.dir={run_dir}', *overrides])}", flush=True)
@@ -40,6 +46,18 @@ def run(name: str, overrides: list[str], root: str) -> str:
         raise SystemExit(f"{name} failed")
     print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def curve(run_dir: str) -> list[dict]:
+    """The run's RL evaluations as rows (step, kl, d, gold, proxy), SFT first (d = 0) and
+    eval.json's last; [] for a run without evaluations (``rlhfkit report``'s curves)."""
+    found, _ = curves(load_metrics(run_dir)[0], eval_table(run_dir))
+    return [{"step": p.step, "kl": p.kl, "d": p.d, "gold": p.gold, "proxy": p.proxy} for p in found[0].points] if found else []
+
+
+def run(name: str, overrides: list[str], root: str) -> list[dict]:
+    """:func:`launch`, then the run's :func:`curve` (benchmarks/ensembles.py uses both)."""
+    return curve(launch(name, overrides, root))
 
 
 def show(name: str, run_dir: str) -> None:
@@ -65,11 +83,14 @@ def main() -> None:
     args = ap.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="rlhfkit-overopt-")
     common = ["experiment=overoptimization", f"seed={args.seed}", *args.overrides]
-    runs = {"no-KL": run("no_kl", common, root)}
+    runs = {"no-KL": launch("no_kl", common, root)}
     rl_only = [*common, f"from_run={runs['no-KL']}", "stages=[rl]"]
-    runs[f"KL {args.kl_coef:g}"] = run("kl", [*rl_only, f"algorithm.kl_coef={args.kl_coef}"], root)
-    if args.ensemble is not None:
-        runs["ensemble no-KL"] = run("ensemble", [*common, "reward=ensemble", *shlex.split(args.ensemble)], root)
+    runs[f"KL {args.kl_coef:g}"] = launch("kl", [*rl_only, f"algorithm.kl_coef={args.kl_coef}"], root)
+    if args.ensemble is not None:  # the same SFT; K reward models, member 0 the single RM (bit for bit)
+        extra = shlex.split(args.ensemble)
+        given = {o.split("=", 1)[0] for o in extra}
+        extra = [o for o in ENSEMBLE if o.split("=", 1)[0] not in given] + extra
+        runs["ensemble no-KL"] = launch("ensemble", [*rl_only[:-1], "stages=[rm,rl]", "reward=ensemble", *extra], root)
     for name, run_dir in runs.items():
         show(name, run_dir)
     path, gao, _ = make_report(list(runs.values()), os.path.join(root, "report"), list(runs))

@@ -221,7 +221,9 @@ def _plot_overoptimisation(plt: Any, curves_by_run: dict[str, list[Curve]], out_
                     if any(getattr(p, attr) is None for p in c.points):
                         continue
                     ds, ys = [p.d for p in c.points], c.gains(attr)
-                    line, = ax.plot(ds, ys, marker=".", label=label)
+                    top = peak(c)
+                    line, = ax.plot(ds, ys, marker=".", label=f"{label}: gold peak {top.gold:.3f} at d={top.d:.2f}"
+                                    if attr == "gold" else label)
                     drawn = True
                     if attr == "gold":
                         fit = fit_gao(ds[1:], ys[1:])
@@ -229,10 +231,7 @@ def _plot_overoptimisation(plt: Any, curves_by_run: dict[str, list[Curve]], out_
                             grid = [max(ds) * i / 100 for i in range(101)]
                             ax.plot(grid, [fit(x) for x in grid], "--", color=line.get_color(), alpha=0.7,
                                     label=f"{label}: fit a={fit.alpha:.3f} b={fit.beta:.3f} R²={fit.r2:.2f}")
-                        top = peak(c)
-                        ax.plot([top.d], [top.gold - c.base.gold], "*", ms=14, color=line.get_color())
-                        ax.annotate(f"peak {top.gold:.3f} at d={top.d:.2f}", (top.d, top.gold - c.base.gold),
-                                    textcoords="offset points", xytext=(6, 6), fontsize=7)
+                        ax.plot([top.d], [top.gold - c.base.gold], "*", ms=14, color=line.get_color())  # the peak
             if not drawn:
                 plt.close(fig)
                 continue
