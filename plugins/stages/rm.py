@@ -261,13 +261,19 @@ class RM:
             trained.append(done)
         heldout = torch.tensor([r["heldout_scores"] for r in records])  # (K, completions)
         accuracy = accuracy_of(heldout.mean(0), test) if test else float("nan")
+        # how much the members disagree on held-out completions, against how much the
+        # completions differ: members that all score alike make an ensemble of one
+        spread = float(heldout.std(0, unbiased=False).mean()) if test else float("nan")
+        scale = float(heldout.mean(0).std()) if test else float("nan")
         metrics = {"rm/accuracy": accuracy, "rm/ensemble_size": float(K),
-                   "rm/member_accuracy_mean": sum(r["accuracy"] for r in records) / K}
+                   "rm/member_accuracy_mean": sum(r["accuracy"] for r in records) / K,
+                   "rm/heldout_disagreement": spread, "rm/heldout_score_std": scale}
         for k, r in enumerate(records):
             metrics[f"rm/member/{k}/accuracy"] = r["accuracy"]
             metrics[f"rm/member/{k}/bias"] = r["bias"]
         ctx.out.log(ctx.name, records[0]["steps"], metrics)
-        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy,
+        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy, "heldout_disagreement": spread,
+                "heldout_score_std": scale,
                 "member_accuracy": [r["accuracy"] for r in records], "member_bias": [r["bias"] for r in records]}
         ctx.save(EnsembleProduct(trained, info))
         if ctx.out.main:  # the product holds them now (hard links: no copy was made)
