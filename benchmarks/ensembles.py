@@ -26,17 +26,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overoptimization import curve, run  # noqa: E402  (the same runs and curves as that benchmark)
+from overoptimization import curve  # noqa: E402  (the same curves as that benchmark)
 
 METHODS = {
     "single": ["reward=model"],
     "uwo": ["reward=ensemble", "reward.objective=uwo"],
     "wco": ["reward=ensemble", "reward.objective=wco"],
 }
+
+
+def launch(name: str, overrides: list[str], root: str) -> str:
+    """Run the CLI into ``root/name``, unless a finished run is there already (``--root`` of
+    an earlier invocation: its runs are reused). Returns the run directory."""
+    run_dir = os.path.join(root, name)
+    if os.path.isfile(os.path.join(run_dir, "eval.json")):
+        return run_dir
+    cmd = [sys.executable, "-m", "rlhfkit.cli", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{name} failed")
+    return run_dir
 
 
 def disagreement(run_dir: str) -> float | None:
@@ -49,9 +64,8 @@ def disagreement(run_dir: str) -> float | None:
 def suite_seed(suite: str, seed: int, args: argparse.Namespace, root: str) -> dict:
     base = [f"data={suite}", f"seed={seed}", *args.overrides]
     name = f"{suite}-s{seed}"
-    rm_run = os.path.join(root, f"{name}-rm")
     # experiment=overoptimization here too: it chooses the RM's head and epochs, which the RL runs must match
-    run(f"{name}-rm", [*base, "experiment=overoptimization", "stages=[sft,rm]", f"rm.ensemble_size={args.members}",
+    rm_run = launch(f"{name}-rm", [*base, "experiment=overoptimization", "stages=[sft,rm]", f"rm.ensemble_size={args.members}",
                        f"rm.bootstrap={str(args.bootstrap).lower()}"], root)
     with open(os.path.join(rm_run, "rm", "ensemble.json")) as f:
         members = json.load(f)
@@ -62,8 +76,8 @@ def suite_seed(suite: str, seed: int, args: argparse.Namespace, root: str) -> di
                      f"rl.eval_every={args.eval_every}", *extra]
         if method == "uwo":
             overrides.append(f"reward.uwo_lambda={args.lam}")
-        rows = run(f"{name}-{method}", overrides, root)
-        out["runs"][method] = {"curve": rows, "std_end": disagreement(os.path.join(root, f"{name}-{method}"))}
+        run_dir = launch(f"{name}-{method}", overrides, root)
+        out["runs"][method] = {"curve": curve(run_dir), "std_end": disagreement(run_dir)}
     return out
 
 
@@ -97,9 +111,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="rl.steps of each RL run")
     ap.add_argument("--eval-every", type=int, default=10, help="rl.eval_every")
     ap.add_argument("--out", default=None, help="write every curve as JSON here")
+    ap.add_argument("--root", default=None, help="where the runs go (default: a new temporary directory); "
+                                                 "finished runs found there are reused")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = ap.parse_args()
-    root = tempfile.mkdtemp(prefix="rlhfkit-ensembles-")
+    root = args.root or tempfile.mkdtemp(prefix="rlhfkit-ensembles-")
+    os.makedirs(root, exist_ok=True)
     results = []
     for suite in args.suites:
         for seed in args.seeds:

@@ -3,9 +3,10 @@ SFT policy's samples (InstructGPT section 3.5, eq. 1). Its product ``rm/`` is wh
 ``reward=model`` scores RL rollouts with.
 
 ``rm.ensemble_size=K`` trains K reward models one after the other (Coste et al. 2023,
-"Reward Model Ensembles Help Mitigate Overoptimization"), each from its own seed (its head's
-initialisation and its batch order) and, with ``rm.bootstrap=true``, on its own bootstrap
-resample of the comparisons. Each member is normalised on its own. The product is then::
+"Reward Model Ensembles Help Mitigate Overoptimization"), each from its own seed (its batch
+order, and its head's initialisation where the head starts at random, e.g.
+``reward_head.init_std>0``; the default ``last_token`` head starts at zero) and, with
+``rm.bootstrap=true``, on its own bootstrap resample of the comparisons. Each member is normalised on its own. The product is then::
 
     rm/                member 0: what reward=model, a value model and from_run read
     rm/members/<k>/    members 1 .. K-1, each a reward-model directory like rm/ itself
@@ -78,7 +79,7 @@ ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "membe
 
 
 def member_seed(seed: int, k: int) -> int:
-    """Member ``k``'s seed (its head's initialisation, batch order and bootstrap sample);
+    """Member ``k``'s seed (its batch order, bootstrap sample and any random initialisation);
     member 0 keeps the single reward model's (``seed + 1``)."""
     return seed + 1 + 7919 * k
 
@@ -261,13 +262,19 @@ class RM:
             trained.append(done)
         heldout = torch.tensor([r["heldout_scores"] for r in records])  # (K, completions)
         accuracy = accuracy_of(heldout.mean(0), test) if test else float("nan")
+        # how much the members disagree on held-out completions, against how much the
+        # completions differ: members that all score alike make an ensemble of one
+        spread = float(heldout.std(0, unbiased=False).mean()) if test else float("nan")
+        scale = float(heldout.mean(0).std()) if test else float("nan")
         metrics = {"rm/accuracy": accuracy, "rm/ensemble_size": float(K),
-                   "rm/member_accuracy_mean": sum(r["accuracy"] for r in records) / K}
+                   "rm/member_accuracy_mean": sum(r["accuracy"] for r in records) / K,
+                   "rm/heldout_disagreement": spread, "rm/heldout_score_std": scale}
         for k, r in enumerate(records):
             metrics[f"rm/member/{k}/accuracy"] = r["accuracy"]
             metrics[f"rm/member/{k}/bias"] = r["bias"]
         ctx.out.log(ctx.name, records[0]["steps"], metrics)
-        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy,
+        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy, "heldout_disagreement": spread,
+                "heldout_score_std": scale,
                 "member_accuracy": [r["accuracy"] for r in records], "member_bias": [r["bias"] for r in records]}
         ctx.save(EnsembleProduct(trained, info))
         if ctx.out.main:  # the product holds them now (hard links: no copy was made)
