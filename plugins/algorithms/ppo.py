@@ -68,8 +68,10 @@ class PPOConfig:
     """Policy learning rate (Adam)."""
     critic_lr: float = bounded(1e-4, gt=0)
     """Value model learning rate."""
-    kl_coef: float = bounded(0.1, ge=0)
-    """beta in InstructGPT eq. 2: the per-token KL penalty (initial value if adaptive)."""
+    kl_coef: float = bounded(0.3, ge=0)
+    """beta in InstructGPT eq. 2: the per-token KL penalty (initial value if adaptive). 0.3:
+    the reward model learns the built-in suites' flaws but not their tasks, so the penalty is
+    what keeps answers right; 0.1 lowered gold on data=words (docs/overoptimisation.md)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
     target_kl: float = bounded(1.0, gt=0)
