@@ -39,14 +39,17 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, prompts: Sequence[str], *,
              generator: Generator, backend: Backend, rollout: RolloutConfig, batch_size: int, seed: int,
-             stream: str, labeller: Labeller | None) -> EvalResult:
-    """Mean gold reward, proxy reward, KL to ``reference`` and EOS rate of ``policy``'s samples.
+             stream: str, labeller: Labeller | None, samples_per_prompt: int = 1) -> EvalResult:
+    """Mean gold reward, proxy reward, KL to ``reference`` and EOS rate of ``policy``'s samples,
+    ``samples_per_prompt`` independent ones per prompt (adjacent in the result's rows), so
+    the means estimate the policy's expected scores with less sampling noise.
 
     Each ``stream`` (sft, rl, ...) samples from its own fixed seed: reproducible, and
     independent of the other policies'. Were the streams shared, inverse-CDF sampling would
     couple SFT's and RL's responses (the same uniforms pick the same tokens where the
     policies agree), and the win rate would not compare independent draws as InstructGPT's
     does. The global RNG is left as it was."""
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     was_training = policy.model.training
     policy.model.eval()
     gen = torch.random.get_rng_state()
@@ -92,7 +95,8 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
 
 def format_table(table: dict[str, Any]) -> str:
     cols = ["gold", "proxy", "kl", "eos_rate", "length"]
-    lines = [f"\nEvaluation on {table['num_prompts']} held-out prompts", f"{'policy':<8}" + "".join(f"{c:>10}" for c in cols)]
+    samples = f" x {table['samples_per_prompt']} samples" if table.get("samples_per_prompt", 1) > 1 else ""
+    lines = [f"\nEvaluation on {table['num_prompts']} held-out prompts{samples}", f"{'policy':<8}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in table["policies"].items():
         lines.append(f"{name:<8}" + "".join(f"{m[c]:>10.3f}" if c in m else f"{'-':>10}" for c in cols))
     trained = [n for n in table["policies"] if n != "sft"]

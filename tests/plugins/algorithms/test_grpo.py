@@ -176,7 +176,8 @@ def scripted(rl_ctx):
 
 def test_dynamic_sampling_drops_and_refills(scripted):
     ctx, calls = scripted
-    algo = GRPO(GRPOConfig(num_generations=2, dynamic_sampling=True, max_refill_rounds=3, missing_eos_penalty=None))
+    algo = GRPO(GRPOConfig(num_generations=2, num_minibatches=1, dynamic_sampling=True, max_refill_rounds=3,
+                           missing_eos_penalty=None))  # 2-prompt steps: one minibatch
     algo.setup(ctx)
     exp, rewards, stats = algo.sample_groups(["tie a =", "spread b ="])
     # slot 0 ties; round 1's slot 0 ties too; round 2's slot 0 ("spread e") replaces it; then all filled: stop
