@@ -167,4 +167,4 @@ class StageContext:
         drawn from the evaluation stream ``stream`` (see :func:`rlhfkit.rlhf.evaluation.evaluate`)."""
         return evaluate(policy, reference, reward, prompts, generator=self.components["generator"], backend=self.backend,
                         rollout=self.rollout, batch_size=self.eval.batch_size, seed=self.seed, stream=stream,
-                        labeller=self.components["data"].labeller)
+                        labeller=self.components["data"].labeller, samples_per_prompt=self.eval.samples_per_prompt)

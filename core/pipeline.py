@@ -233,6 +233,8 @@ class Run:
         if not prompts:
             raise ConfigError("The dataset has no usable held-out prompts to evaluate on (test split).")
         table: dict[str, Any] = {"num_prompts": len(prompts), "policies": {}}
+        if self.settings.eval.samples_per_prompt > 1:  # the default run's eval.json stays as it was
+            table["samples_per_prompt"] = self.settings.eval.samples_per_prompt
         if self.data.reported:
             table["data_skipped"] = dict(self.data.reported)
         n = self.settings.eval.num_samples_logged

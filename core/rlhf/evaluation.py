@@ -39,10 +39,12 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, prompts: Sequence[str], *,
              generator: Generator, backend: Backend, rollout: RolloutConfig, batch_size: int, seed: int,
-             stream: str, labeller: Labeller | None) -> EvalResult:
+             stream: str, labeller: Labeller | None, samples_per_prompt: int = 1) -> EvalResult:
     """Mean gold reward, proxy reward, KL to ``reference`` and EOS rate of ``policy``'s samples,
-    and the reward source's own metrics of scoring them (:meth:`RewardSource.metrics`: an
-    ensemble's disagreement).
+    ``samples_per_prompt`` independent ones per prompt (adjacent in the result's rows), so
+    the means estimate the policy's expected scores with less sampling noise; and the reward
+    source's own metrics of scoring them (:meth:`RewardSource.metrics`: an ensemble's
+    disagreement).
 
     Each ``stream`` (sft, rl, ...) samples from its own fixed seed: reproducible, and
     independent of the other policies'. Were the streams shared, inverse-CDF sampling would
@@ -51,6 +53,7 @@ def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, pro
     does. The global RNG is left as it was."""
     source_metrics = optional(reward, RewardSource, "metrics") if reward is not None else dict
     source_metrics()  # what the source measured before (the caller has read it): not these samples'
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     was_training = policy.model.training
     policy.model.eval()
     gen = torch.random.get_rng_state()
@@ -97,7 +100,8 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
 
 def format_table(table: dict[str, Any]) -> str:
     cols = ["gold", "proxy", "kl", "eos_rate", "length"]
-    lines = [f"\nEvaluation on {table['num_prompts']} held-out prompts", f"{'policy':<8}" + "".join(f"{c:>10}" for c in cols)]
+    samples = f" x {table['samples_per_prompt']} samples" if table.get("samples_per_prompt", 1) > 1 else ""
+    lines = [f"\nEvaluation on {table['num_prompts']} held-out prompts{samples}", f"{'policy':<8}" + "".join(f"{c:>10}" for c in cols)]
     for name, m in table["policies"].items():
         lines.append(f"{name:<8}" + "".join(f"{m[c]:>10.3f}" if c in m else f"{'-':>10}" for c in cols))
     trained = [n for n in table["policies"] if n != "sft"]

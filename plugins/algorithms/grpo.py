@@ -44,24 +44,28 @@ LOSS_AGG = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 @dataclass
 class GRPOConfig:
-    num_generations: int = bounded(4, ge=2)
-    """G: responses sampled per prompt (the group whose rewards normalise each other)."""
-    lr: float = bounded(1e-4, gt=0)
+    num_generations: int = bounded(8, ge=2)
+    """G: responses sampled per prompt (the group whose rewards normalise each other). 8, as
+    TRL's default: with pass/fail rewards a group of 4 ties (no signal) far more often."""
+    lr: float = bounded(3e-4, gt=0)
     """Policy learning rate (Adam)."""
     epochs: int = bounded(1, ge=1)
     """mu: passes over each rollout batch (1: on-policy, the ratio is 1 at the first step)."""
-    num_minibatches: int = bounded(1, ge=1)
-    """Optimizer steps per pass, each on an equal share of the rollout."""
+    num_minibatches: int = bounded(4, ge=1)
+    """Optimizer steps per pass, each on an equal share of the rollout (4, as PPO here and
+    verl's mini-batches: one step per rollout left the policy nearly where SFT put it)."""
     clip_eps_low: float = bounded(0.2, gt=0, lt=1)
     """The ratio is clipped below at 1 - clip_eps_low (PPO eq. 7; DAPO eq. 10)."""
     clip_eps_high: float = bounded(0.2, gt=0)
     """... and above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)."""
-    kl_coef: float = bounded(0.04, ge=0)
+    kl_coef: float = bounded(0.1, ge=0)
     """beta: weight of the KL to the SFT policy (0: none)."""
-    kl_in: str = one_of("loss", "reward")
-    """Where the KL goes: ``loss``, the k3 estimator per token (GRPO eq. 3-4); ``reward``, the k1
-    sum over the response subtracted from its reward before the group normalisation
-    (InstructGPT eq. 2)."""
+    kl_in: str = one_of("loss", "reward", default="reward")
+    """Where the KL goes: ``reward`` (the default), the k1 sum over the response subtracted from
+    its reward before the group normalisation (InstructGPT eq. 2, at PPO's coefficient here);
+    ``loss``, the k3 estimator per token (GRPO eq. 3-4, with beta 0.04 in the paper). Against a
+    learned reward model the k3 term at 0.04 did not hold the policy (KL 22, gold 0.70 -> 0.30;
+    docs/algorithms.md)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
     target_kl: float = bounded(1.0, gt=0)

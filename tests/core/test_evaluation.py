@@ -43,3 +43,34 @@ def test_rl_refuses_top_k_and_top_p(tmp_path):
         with pytest.raises(ConfigError, match="top_k=0 rollout.top_p=1.0"):
             Run(compose(SMOKE + ["logger=[]", override]), registry, plugins, str(tmp_path / "run"))
     Run(compose(SMOKE + ["logger=[]", "stages=[sft,rm]", "rollout.top_k=5"]), registry, plugins, str(tmp_path / "rm"))
+
+
+def test_several_samples_per_prompt(tmp_path, policy_dir):
+    """eval.samples_per_prompt=k: k independent responses to each held-out prompt, adjacent;
+    gold is the mean over all of them, and the table says so."""
+    plugins, registry = setup()
+    one = Run(compose(SMOKE + ["logger=[]"]), registry, plugins, str(tmp_path / "one"))
+    three = Run(compose(SMOKE + ["logger=[]", "eval.samples_per_prompt=3"]), registry, plugins, str(tmp_path / "three"))
+    results = []
+    for run in (one, three):
+        run.products["sft"] = policy_dir
+        ctx = run.context("eval")
+        sft = ctx.load_policy("sft")
+        ctx.data.bind(sft)
+        prompts = ctx.eval_prompts(sft.tokenizer)
+        results.append(ctx.evaluate(sft, sft, None, prompts, stream="sft"))
+    single, triple = results
+    n = len(single.prompts)
+    assert len(triple.responses) == 3 * n and triple.prompts == [p for p in single.prompts for _ in range(3)]
+    assert triple.responses[:3] != [triple.responses[0]] * 3 or triple.responses[3:6] != [triple.responses[3]] * 3
+    assert triple.metrics["gold"] == pytest.approx(sum(triple.gold) / (3 * n))
+    assert triple.metrics["gold"] != single.metrics["gold"]
+    three.products["rl"] = policy_dir
+    table = three.final_evaluation()
+    assert table["samples_per_prompt"] == 3 and table["policies"]["sft"] == triple.metrics
+
+
+def test_samples_per_prompt_is_checked_before_any_work(tmp_path):
+    plugins, registry = setup()
+    with pytest.raises(ConfigError, match="eval.samples_per_prompt=0: must be >= 1"):
+        Run(compose(SMOKE + ["logger=[]", "eval.samples_per_prompt=0"]), registry, plugins, str(tmp_path / "run"))

@@ -132,8 +132,10 @@ def test_a2c_under_zero2(tmp_path):
 
 # --- grpo: critic-free groups on one rank; dynamic sampling refills the same slots on every world size ---
 
+# one minibatch, as for PPO above: each rank shuffles its own rows, so several minibatches
+# would differ from the one-process split
 GRPO = SMOKE + ["sft.steps=8", "rl.steps=3", "rl.log_every=1", "reward=labeller", "algorithm=grpo",
-                "algorithm.num_generations=2"]
+                "algorithm.num_generations=2", "algorithm.num_minibatches=1"]
 GRPO_CASES = {"grpo": [], "grpo_dynamic": ["algorithm.dynamic_sampling=true"]}
 
 

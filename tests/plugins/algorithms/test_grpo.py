@@ -176,7 +176,8 @@ def scripted(rl_ctx):
 
 def test_dynamic_sampling_drops_and_refills(scripted):
     ctx, calls = scripted
-    algo = GRPO(GRPOConfig(num_generations=2, dynamic_sampling=True, max_refill_rounds=3, missing_eos_penalty=None))
+    algo = GRPO(GRPOConfig(num_generations=2, num_minibatches=1, dynamic_sampling=True, max_refill_rounds=3,
+                           missing_eos_penalty=None, kl_in="loss"))  # 2-prompt steps: one minibatch; rewards = scores
     algo.setup(ctx)
     exp, rewards, stats = algo.sample_groups(["tie a =", "spread b ="])
     # slot 0 ties; round 1's slot 0 ties too; round 2's slot 0 ("spread e") replaces it; then all filled: stop
@@ -195,7 +196,8 @@ def test_dynamic_sampling_drops_and_refills(scripted):
 
 def test_dynamic_sampling_stops_at_the_cap(scripted):
     ctx, calls = scripted
-    algo = GRPO(GRPOConfig(num_generations=2, dynamic_sampling=True, max_refill_rounds=1, missing_eos_penalty=None))
+    algo = GRPO(GRPOConfig(num_generations=2, dynamic_sampling=True, max_refill_rounds=1, missing_eos_penalty=None,
+                           kl_in="loss"))  # rewards = scores
     algo.setup(ctx)
     exp, rewards, stats = algo.sample_groups(["tie a =", "spread b ="])
     assert len(calls) == 1 and stats["grpo/refill_rounds"] == 1
@@ -253,7 +255,7 @@ def test_bad_settings_are_one_line_errors(override, message, monkeypatch):
 
 
 @pytest.mark.parametrize("preset,expected", [
-    ("grpo", {"scale_rewards": True, "loss_agg": "seq-mean-token-mean", "ratio_level": "token", "kl_in": "loss"}),
+    ("grpo", {"scale_rewards": True, "loss_agg": "seq-mean-token-mean", "ratio_level": "token", "kl_in": "reward"}),
     ("grpo_dr", {"scale_rewards": False, "loss_agg": "seq-mean-token-sum-norm"}),
     ("grpo_dapo", {"clip_eps_high": 0.28, "loss_agg": "token-mean", "dynamic_sampling": True, "overlong_buffer": 4}),
     ("grpo_gspo", {"ratio_level": "sequence", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4}),
