@@ -32,6 +32,16 @@ def run(seed: int, overrides: list[str], root: str) -> dict:
     return {"seed": seed, "wall_s": wall, **table}
 
 
+def print_commands_and_save(rows: list[dict], out: str | None) -> None:
+    """The one-command equivalent of every row (``row["command"]``), and the rows as JSON to ``out``."""
+    print("\ncommands:")
+    for r in rows:
+        print(f"  {r['command']}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -21,13 +21,12 @@ printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import tempfile
 
-from pipeline_seeds import run
+from pipeline_seeds import print_commands_and_save, run
 
 # the verifiable task's pass rate from 8 samples per held-out prompt: one sample leaves it about
 # +/-0.03 off, as large as the gains measured (see docs/algorithms.md)
@@ -69,12 +68,7 @@ def main() -> None:
             raised = sum(r["policies"]["rl"]["gold"] > r["policies"]["sft"]["gold"] for r in mine)
             if mine:
                 print(f"{target} {algorithm}: RL above SFT ({MEASURE[target]}) on {raised} of {len(mine)} seeds")
-    print("\ncommands:")
-    for r in rows:
-        print(f"  {r['command']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    print_commands_and_save(rows, args.out)
 
 
 def run_dir(root: str, target: str, name: str, seed: int) -> str:

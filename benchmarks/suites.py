@@ -23,7 +23,7 @@ import shlex
 import sys
 import tempfile
 
-from pipeline_seeds import run
+from pipeline_seeds import print_commands_and_save, run
 
 SUITES = ("synthetic", "numbers", "words")
 ALGORITHMS = ("ppo", "a2c", "rloo", "grpo")
@@ -73,12 +73,7 @@ def main() -> None:
             raised = sum(gain(r) > 0 for r in mine)
             print(f"{suite:<10} {algorithm:<5} gold raised over SFT on {raised} of {len(mine)} seeds"
                   f"   (mean gain {sum(map(gain, mine)) / len(mine):+.3f})")
-    print("\ncommands:")
-    for r in rows:
-        print(f"  {r['command']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    print_commands_and_save(rows, args.out)
 
 
 def gain(r: dict) -> float:

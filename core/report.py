@@ -241,11 +241,7 @@ def _plot_overoptimisation(plt: Any, curves_by_run: dict[str, list[Curve]], out_
             ax.set_title(f"{stage}: {attr} against d" + (" (Gao et al. 2022: R = d(α - β log d))" if attr == "gold" else ""))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            name = f"{stage}_{attr}_vs_d.png"
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=100)
-            plt.close(fig)
-            names.append(name)
+            names.append(_save(plt, fig, out_dir, f"{stage}_{attr}_vs_d.png"))
     return names
 
 
@@ -292,11 +288,7 @@ def make_report(run_dirs: Sequence[str], out_dir: str, labels: Sequence[str] | N
             ax.set_title(f"{stage}: {panel}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            name = f"{stage}_{panel}.png"
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=100)
-            plt.close(fig)
-            plots.append(name)
+            plots.append(_save(plt, fig, out_dir, f"{stage}_{panel}.png"))
     if plt:
         plots += _plot_overoptimisation(plt, curves_by_run, out_dir)
     path = os.path.join(out_dir, "summary.md")
@@ -352,3 +344,11 @@ def main(argv: Sequence[str]) -> None:
     if not plotted:
         print(NO_MATPLOTLIB)
     print(f"report written: {path}")
+
+
+def _save(plt: Any, fig: Any, out_dir: str, name: str) -> str:
+    """Write ``fig`` to ``out_dir/name`` and close it; return ``name``."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=100)
+    plt.close(fig)
+    return name
