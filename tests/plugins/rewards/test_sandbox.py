@@ -148,7 +148,7 @@ def test_fork_bomb(code, reason, nothing_escapes):
     def watch():  # how many processes the sandbox holds at once (its uid: a root caller's sandbox)
         while not done.is_set():
             seen.append(len(sandbox_processes()))
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -158,7 +158,10 @@ def test_fork_bomb(code, reason, nothing_escapes):
         done.set()
         watcher.join()
     assert v.reason == reason and v.score(0.0) == 0.0
-    assert 3 < max(seen) <= L.max_procs + 1  # the limit counts bwrap's reaper, not its monitor outside the namespace
+    # the limit counts bwrap's reaper and the zygote, not bwrap's monitor outside the namespace
+    assert max(seen) <= L.max_procs + 1
+    if reason == "timeout":  # the bomb that keeps trying holds the sandbox full until the wall time
+        assert max(seen) > 3
 
 
 @needs_bwrap
