@@ -81,7 +81,8 @@ class SandboxLimits:
     """How one verification is isolated and bounded (``reward.<field>`` under ``reward=python_exec``)."""
 
     timeout_s: float = bounded(5.0, gt=0, le=3600)
-    """Wall time of one verification (interpreter start-up included); then it is killed: ``timeout``."""
+    """Wall time of one verification, from the fork of its harness in the warm sandbox; then it
+    is killed: ``timeout``. (A sandbox's own start has a separate allowance, :data:`STARTUP_S`.)"""
     cpu_s: int = bounded(3, ge=1, le=3600)
     """CPU seconds of each sandboxed process (RLIMIT_CPU): ``timeout`` when exceeded."""
     memory_mb: int = bounded(512, ge=64, le=1 << 20)
@@ -139,9 +140,9 @@ class Verdict:
         return self.passed / self.total if self.completed and self.total else failure_reward
 
 
-# Runs in the sandbox as `python -I [-S] -c HARNESS`; reads its job (a marshalled dict) from
-# stdin. Only built-in modules (ast and json would double the start-up), and nothing the
-# response can reach before it runs but its globals.
+# Runs as __main__ in a child the zygote (below) forks per verification; reads its job (a
+# marshalled dict) from stdin. Only built-in modules (ast and json would double the zygote's
+# start-up), and nothing the response can reach before it runs but its globals.
 HARNESS = r'''
 import _ast, marshal, os, resource, sys
 job = marshal.loads(sys.stdin.buffer.read())
@@ -377,10 +378,10 @@ def run(job):
             killed = "output_limit"
             break
     sel.close()
-    if status is None:
+    if status is None:  # out of time or output, or it closed its pipes and lives on: end it and all it left
         os.kill(pid, signal.SIGKILL)
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    kill_rest(pid)
+        kill_rest(pid)
     for fd in (out_r, err_r, pidfd, job_w):
         if fd is not None:
             os.close(fd)
