@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=0, help="count the kinds of pairs among SFT samples of this many prompts")
     args = ap.parse_args()
     from rlhfkit.cli import setup
+    from rlhfkit.rlhf.retokenize import score as score_rm
     from rlhfkit.rlhf.tokenize import encode_pairs
 
     registry = setup()[1]
@@ -43,7 +44,7 @@ def main() -> None:
         for i in range(0, len(prompts), 64):
             e = encode_pairs(tok, prompts[i:i + 64], responses[i:i + 64], torch.device("cpu"))
             with torch.no_grad():
-                out.append(rm(e.input_ids, e.attention_mask))
+                out.append(score_rm(rm, e.input_ids, e.attention_mask, e.loss_mask))
         return torch.cat(out)
 
     demos = data.sft_examples("train")[:512]

@@ -171,6 +171,10 @@ class RewardHead(Protocol):
     def pool(self, token_scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T), (B, T) -> (B,): one reward per sequence."""
 
+    # A head with ``reads_tokens = True`` gets ``token_scores(hidden, input_ids)`` and pools
+    # over the response's positions; one with ``bind(lm_head_weight)`` is given the
+    # language model's head when built (``reward_head=logprob``).
+
 
 # hidden_size -> a fresh head module
 HeadBuilder = Callable[[int], torch.nn.Module]
@@ -186,7 +190,9 @@ class RewardModel(Protocol):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """(B,) rewards; with ``per_token``, the (B, T) scores of :meth:`token_values`
-        minus ``bias``: a critic's values on the rewards' scale."""
+        minus ``bias``: a critic's values on the rewards' scale. A ``forward`` may also
+        take ``response_mask`` (B, T), the response's positions, which callers then pass
+        (:func:`rlhfkit.rlhf.retokenize.score`)."""
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) per-position scores: used when the model serves as a critic."""
@@ -195,7 +201,12 @@ class RewardModel(Protocol):
 
     def save(self, path: str) -> None: ...
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tokenizer", "backbone"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tokenizer", "backbone", "set_scale"})
+
+    def set_scale(self, gain: float) -> None:
+        """Multiply rewards (and values) by ``gain`` after the bias (``rm.scale``). Default:
+        a reward model that cannot be scaled keeps its own scale."""
+
     tokenizer: Any = None
     """The reward model's own tokenizer, when it reads text another way than the policy
     (it is then fed re-tokenized text). Default: None (the policy's)."""

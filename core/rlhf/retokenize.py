@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -13,8 +14,28 @@ from rlhfkit.rlhf.tokenize import encode_pairs
 
 def reward_model_context(rm: Any) -> int | None:
     """The context length of a reward model (or of the model a backend wrapped, ``.module``)."""
-    inner = rm.module if isinstance(getattr(rm, "module", None), torch.nn.Module) else rm
+    inner = unwrapped(rm)
     return context_length(optional(inner, RewardModel, "backbone") or inner)
+
+
+def unwrapped(rm: Any) -> Any:
+    """The model a backend wrapped (``.module`` of DDP and DeepSpeed engines), or ``rm``."""
+    return rm.module if isinstance(getattr(rm, "module", None), torch.nn.Module) else rm
+
+
+def score(rm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) rewards of ``rm`` for right-aligned sequences whose response tokens are
+    ``response_mask`` (B, T). The mask is passed to reward models whose ``forward`` takes
+    ``response_mask`` (a head that averages over the response, ``reward_head=logprob``);
+    one that does not is called as ``rm(input_ids, attention_mask)``."""
+    forward = unwrapped(rm).forward
+    try:
+        takes = "response_mask" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return rm(input_ids, attention_mask, response_mask=response_mask)
+    return rm(input_ids, attention_mask)
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:
@@ -46,6 +67,7 @@ class Retokenized(torch.nn.Module):
                 for ids, m in zip(input_ids, attention_mask)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        # no response_mask: the re-tokenized text is scored whole (the boundary does not survive decoding)
         if per_token:
             raise ValueError("A re-tokenized reward model gives sequence scores only; per-token values need the policy's tokens.")
         texts = self.texts(input_ids, attention_mask)

@@ -36,6 +36,11 @@ class Rollout:
         return self.input_ids[:, self.prompt_width :]
 
     @property
+    def sequence_response_mask(self) -> torch.Tensor:
+        """(B, P + R): ``response_mask`` in the whole sequence's columns."""
+        return torch.nn.functional.pad(self.response_mask, (self.prompt_width, 0)).to(self.attention_mask.dtype)
+
+    @property
     def position_ids(self) -> torch.Tensor:
         return positions(self.attention_mask)
 

@@ -30,8 +30,10 @@ class A2CConfig:
     """Policy learning rate (Adam)."""
     critic_lr: float = bounded(1e-4, gt=0)
     """Value model learning rate."""
-    kl_coef: float = bounded(0.1, ge=0)
-    """Per-token KL penalty to the SFT policy (initial value if adaptive)."""
+    kl_coef: float = bounded(0.3, ge=0)
+    """Per-token KL penalty to the SFT policy (initial value if adaptive). 0.3, as PPO's: the
+    reward model's rewards have std 1 over SFT samples (``rm.scale``), so it weighs alike on
+    every suite (docs/overoptimisation.md)."""
     adaptive_kl: bool = False
     target_kl: float = bounded(1.0, gt=0)
     kl_horizon: int = bounded(10000, ge=1)
@@ -39,8 +41,9 @@ class A2CConfig:
     lam: float = bounded(0.95, ge=0, le=1)
     """GAE lambda (1.0: Monte Carlo returns minus the baseline)."""
     vf_coef: float = bounded(0.1, ge=0)
-    num_minibatches: int = bounded(1, ge=1)
-    """Gradient steps per rollout (each on fresh, disjoint samples: still on-policy)."""
+    num_minibatches: int = bounded(4, ge=1)
+    """Gradient steps per rollout, each on a disjoint quarter of it (4: one step per rollout
+    left the policy where SFT put it on data=words, docs/overoptimisation.md)."""
     whiten_advantages: bool = True
     missing_eos_penalty: Optional[float] = -1.0
     """Score for responses without EOS (null: RM score)."""

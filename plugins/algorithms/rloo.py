@@ -30,8 +30,9 @@ class RLOOConfig:
     """Responses sampled per prompt (the baseline of each is the mean of the others)."""
     lr: float = bounded(1e-4, gt=0)
     """Policy learning rate (Adam)."""
-    kl_coef: float = bounded(0.1, ge=0)
-    """Sequence-level KL penalty to the SFT policy, folded into each response's reward."""
+    kl_coef: float = bounded(0.3, ge=0)
+    """Sequence-level KL penalty to the SFT policy, folded into each response's reward (0.3,
+    as PPO's, docs/overoptimisation.md)."""
     adaptive_kl: bool = False
     target_kl: float = bounded(1.0, gt=0)
     kl_horizon: int = bounded(10000, ge=1)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit import hookimpl
-from rlhfkit.errors import CheckpointError
+from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import HeadBuilder
 from rlhfkit.plugins.hf_common import (
     DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_peft, load_model, load_tokenizer, quantization_config,
@@ -46,15 +46,46 @@ class HFRewardConfig:
     in full)."""
 
 
+def reads_tokens(head: torch.nn.Module) -> bool:
+    """A head that scores tokens from the ids too, and pools over the response alone
+    (``reward_head=logprob``)."""
+    return bool(getattr(head, "reads_tokens", False))
+
+
+def pool_mask(head: torch.nn.Module, attention_mask: torch.Tensor, response_mask: torch.Tensor | None) -> torch.Tensor:
+    """What ``head.pool`` averages over: the attention mask; for a head that reads tokens, the
+    response's positions, or, when the caller does not know them, every attended position
+    but the first."""
+    if not reads_tokens(head):
+        return attention_mask
+    if response_mask is not None:
+        return response_mask
+    first = attention_mask.long().cumsum(-1) == 1
+    return attention_mask * ~first
+
+
+def lm_head_weight(backbone: torch.nn.Module, path: str, dtype: str, trust_remote_code: bool) -> torch.Tensor:
+    """The (vocab, hidden) weight of the language-model head of the causal LM at ``path``,
+    whose backbone is ``backbone``: its input embeddings when tied, else read from ``path``."""
+    if getattr(backbone.config, "tie_word_embeddings", False):
+        return backbone.get_input_embeddings().weight
+    head = load_model(path, "AutoModelForCausalLM", dtype, trust_remote_code).get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{path!r} has no language-model head; reward_head=logprob needs a causal LM checkpoint "
+                          "(the SFT one). Select another reward_head.")
+    return head.weight
+
+
 class BackboneRewardModel(torch.nn.Module):
-    """backbone(hidden states) -> head.token_scores - bias: a critic's values, on the
-    rewards' scale; head.pool of the token scores - bias: the reward."""
+    """backbone(hidden states) -> (head.token_scores - bias) * gain: a critic's values, on
+    the rewards' scale; (head.pool of the token scores - bias) * gain: the reward."""
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, tokenizer: Any = None,
                  lora: LoraSettings | None = None, base: str | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.register_buffer("bias", torch.zeros(()))
+        self.gain = 1.0
         self.tokenizer = tokenizer  # None: the policy's token ids are scored as they are
         self.lora, self.base = lora or LoraSettings(), base
 
@@ -63,24 +94,30 @@ class BackboneRewardModel(torch.nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
         ).last_hidden_state  # (B, T, H)
         dtype = next(self.head.parameters(), hidden).dtype  # the head stays fp32 on a bf16 backbone
+        if reads_tokens(self.head):
+            return self.head.token_scores(hidden.to(dtype), input_ids).float()  # (B, T)
         return self.head.token_scores(hidden.to(dtype)).float()  # (B, T)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
         token_scores = self.token_values(input_ids, attention_mask)
         if per_token:  # as a critic: through forward, so wrapped engines (DDP, ZeRO) see it
             # shifted like the reward ("N+ details"): else values start off by a constant
             # that GAE turns into a length bias of the advantages
-            return token_scores - self.bias  # (B, T)
-        return self.head.pool(token_scores, attention_mask) - self.bias  # (B,)
+            return (token_scores - self.bias) * self.gain  # (B, T)
+        return (self.head.pool(token_scores, pool_mask(self.head, attention_mask, response_mask)) - self.bias) * self.gain
 
     def set_bias(self, bias: float) -> None:
         self.bias.fill_(bias)
+
+    def set_scale(self, gain: float) -> None:
+        self.gain = float(gain)
 
     def save(self, path: str) -> None:
         save_with_tokenizer(self.backbone, self.tokenizer, path, self.lora, self.base)
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, os.path.join(path, HEAD_FILE))
-        meta = {"head_class": type(self.head).__name__, "bias": float(self.bias)}
+        meta = {"head_class": type(self.head).__name__, "bias": float(self.bias), "gain": self.gain}
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -108,6 +145,8 @@ class HFRewardLoader:
         backbone = self._backbone(backbone_path, quantization)
         tokenizer = load_tokenizer(backbone_path, self.cfg.trust_remote_code) if has_tokenizer(backbone_path) else None
         rm = BackboneRewardModel(backbone, head(backbone.config.hidden_size), tokenizer, self.cfg.lora, base=backbone_path)
+        if hasattr(rm.head, "bind"):
+            rm.head.bind(lm_head_weight(backbone, backbone_path, self.cfg.dtype, self.cfg.trust_remote_code))
         return self.adapt(rm)
 
     def adapt(self, rm: BackboneRewardModel) -> BackboneRewardModel:
@@ -132,10 +171,14 @@ class HFRewardLoader:
                 f"selects {type(rm.head).__name__}. Select the matching reward_head."
             )
         try:
-            rm.head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
+            state = load_file(os.path.join(path, HEAD_FILE))
+            if hasattr(rm.head, "bind") and "unembedding" in state:
+                rm.head.bind(state["unembedding"])
+            rm.head.load_state_dict(state)
         except Exception as exc:
             raise CheckpointError(f"Corrupt reward head in {path!r}: {exc}") from exc
         rm.set_bias(meta["bias"])
+        rm.set_scale(meta.get("gain", 1.0))  # saved before rm.scale existed: unscaled
         return rm
 
 

@@ -57,6 +57,7 @@ class SeqClsRewardModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("bias", torch.zeros(()))
+        self.gain = 1.0
         self.tokenizer, self.lora, self.base = tokenizer, lora, base
 
     def _parts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -73,21 +74,26 @@ class SeqClsRewardModel(torch.nn.Module):
                           position_ids=positions(attention_mask)).last_hidden_state
         return head(hidden).squeeze(-1).float()  # (B, T)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # response_mask: unused, the classifier reads its last attended token
         scores = self.token_values(input_ids, attention_mask)
         if per_token:  # a critic's values, shifted like the reward (see hf_rm)
-            return scores - self.bias  # (B, T)
+            return (scores - self.bias) * self.gain  # (B, T)
         T = attention_mask.shape[1]
         last = T - 1 - attention_mask.flip(-1).long().argmax(-1)  # last attended position (left or right padding)
-        return scores.gather(1, last.unsqueeze(1)).squeeze(1) - self.bias
+        return (scores.gather(1, last.unsqueeze(1)).squeeze(1) - self.bias) * self.gain
 
     def set_bias(self, bias: float) -> None:
         self.bias.fill_(bias)
 
+    def set_scale(self, gain: float) -> None:
+        self.gain = float(gain)
+
     def save(self, path: str) -> None:
         save_with_tokenizer(self.model, self.tokenizer, path, self.lora, self.base)
         with open(os.path.join(path, META_FILE), "w") as f:
-            json.dump({"head_class": "seq_cls", "bias": float(self.bias)}, f, indent=2)
+            json.dump({"head_class": "seq_cls", "bias": float(self.bias), "gain": self.gain}, f, indent=2)
 
 
 class SeqClsLoader:
@@ -119,7 +125,9 @@ class SeqClsLoader:
         meta = os.path.join(path, META_FILE)
         if os.path.isfile(meta):
             with open(meta) as f:
-                rm.set_bias(float(json.load(f).get("bias", 0.0)))
+                saved = json.load(f)
+            rm.set_bias(float(saved.get("bias", 0.0)))
+            rm.set_scale(float(saved.get("gain", 1.0)))
         return rm
 
     def build(self, backbone_path: str, head: HeadBuilder) -> SeqClsRewardModel:

@@ -42,7 +42,7 @@ from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RewardModel, optional
 from rlhfkit.plugins.stages.rm import ensemble_members
-from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary
+from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary, score
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.settings import bounded, one_of
@@ -111,8 +111,11 @@ class Members(torch.nn.Module):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(input_ids, attention_mask).float() for m in self.members])  # (K, B)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if response_mask is None:
+            return torch.stack([m(input_ids, attention_mask).float() for m in self.members])  # (K, B)
+        return torch.stack([score(m, input_ids, attention_mask, response_mask).float() for m in self.members])
 
 
 class EnsembleReward:
@@ -158,11 +161,11 @@ class EnsembleReward:
         for i in range(0, len(prompts), bs):
             e = encode_pairs(tok, prompts[i : i + bs], responses[i : i + bs], ctx.device, max_length=self.context)
             with ctx.backend.autocast():
-                out.append(stack(e.input_ids, e.attention_mask))
+                out.append(stack(e.input_ids, e.attention_mask, e.loss_mask))
         return torch.cat(out, dim=1)
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        scores = self.scorer(rollout.input_ids, rollout.attention_mask).float()  # (K, B)
+        scores = score(self.scorer, rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask).float()  # (K, B)
         self.record(scores)
         return ensemble_objective(scores, self.cfg.objective, self.cfg.uwo_lambda) - self.offset  # (B,)
 

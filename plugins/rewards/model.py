@@ -12,7 +12,7 @@ import torch
 from rlhfkit import hookimpl
 from rlhfkit.context import StageContext
 from rlhfkit.interfaces import RewardModel, optional
-from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary
+from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary, score
 from rlhfkit.rlhf.sampling import Rollout
 
 
@@ -38,7 +38,7 @@ class ModelReward:
             self.rm, self.critic_init = Retokenized(rm, rm_tok, tokenizer, reward_model_context(rm)), None
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        return self.rm(rollout.input_ids, rollout.attention_mask)  # (B,)
+        return score(self.rm, rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask)  # (B,)
 
 
 @hookimpl

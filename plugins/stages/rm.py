@@ -39,7 +39,7 @@ from rlhfkit.interfaces import Comparison, RewardModel, RewardModelLoader, StepR
 from rlhfkit.resume import Batches, TrackingBackend, seed_everything
 from rlhfkit.rlhf.losses import comparison_pairs, kwise_loss, pairwise_loss
 from rlhfkit.rlhf.masked import dp_denominator
-from rlhfkit.rlhf.retokenize import reward_model_context
+from rlhfkit.rlhf.retokenize import reward_model_context, score
 from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.settings import bounded
@@ -66,6 +66,10 @@ class RMConfig:
     max_grad_norm: float = bounded(1.0, ge=0)
     normalize: bool = True
     """Shift rewards so the SFT demonstrations score mean 0."""
+    scale: bool = True
+    """Also scale rewards to std 1 over SFT samples (the held-out comparisons' responses), as
+    Ziegler et al. 2019 normalise theirs, so that a KL coefficient weighs the same against
+    every reward model, whatever scale its training happened to give it."""
     log_every: int = bounded(25, ge=1)
     ensemble_size: int = bounded(1, ge=1)
     """Reward models to train, each from its own seed (Coste et al. 2023); 1: one, as in
@@ -236,6 +240,12 @@ class RM:
             bias = float(self.scores(ctx, rm, [d.prompt for d in demos], [d.response for d in demos]).mean() + rm.bias)
             rm.set_bias(bias)
             metrics["rm/bias"] = bias
+        if cfg.scale and heldout.numel() > 1 and hasattr(rm, "set_scale"):
+            std = float(heldout.std())
+            gain = 1.0 / std if std > 1e-6 else 1.0
+            rm.set_scale(gain)
+            metrics["rm/gain"] = gain
+            heldout = heldout * gain
         return rm, metrics, steps, heldout
 
     def ensemble(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison]) -> None:
@@ -289,7 +299,7 @@ class RM:
     def kwise(self, ctx: StageContext, model: Any, batch: list[Comparison]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [c.prompt for c in batch for _ in c.responses]
         e = encode_pairs(self.tok, prompts, [r for c in batch for r in c.responses], ctx.device, max_length=self.context)
-        rewards = model(e.input_ids, e.attention_mask)  # (sum K,) each completion once
+        rewards = score(model, e.input_ids, e.attention_mask, e.loss_mask)  # (sum K,) each completion once
         win, lose, group = comparison_pairs([c.scores for c in batch])
         denom = dp_denominator(float(len(set(group.tolist()))), ctx.backend.all_reduce_sum, ctx.backend.world_size)
         return kwise_loss(rewards, win, lose, group, len(batch), denom=denom)  # InstructGPT eq. 1
@@ -298,7 +308,7 @@ class RM:
         prompts = [p for p, _, _ in batch] * 2
         e = encode_pairs(self.tok, prompts, [c for _, c, _ in batch] + [r for _, _, r in batch], ctx.device,
                          max_length=self.context)
-        rewards = model(e.input_ids, e.attention_mask)  # (2B,) chosen then rejected
+        rewards = score(model, e.input_ids, e.attention_mask, e.loss_mask)  # (2B,) chosen then rejected
         denom = dp_denominator(float(len(batch)), ctx.backend.all_reduce_sum, ctx.backend.world_size)
         return pairwise_loss(rewards[: len(batch)], rewards[len(batch) :], denom=denom)
 
@@ -308,7 +318,7 @@ class RM:
         for i in range(0, len(prompts), bs):
             e = encode_pairs(self.tok, prompts[i : i + bs], responses[i : i + bs], ctx.device, max_length=self.context)
             with ctx.backend.autocast():
-                out.append(rm(e.input_ids, e.attention_mask).float())
+                out.append(score(rm, e.input_ids, e.attention_mask, e.loss_mask).float())
         return torch.cat(out)
 
 

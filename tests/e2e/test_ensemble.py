@@ -71,6 +71,24 @@ def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble
     assert sft_eval["reward/ensemble/std_mean"] > 0  # the evaluation reports the members' disagreement
 
 
+def test_rm_scale_gives_unit_std_over_sft_samples_without_changing_training(sft, tmp_path):
+    """rm.scale (the default) multiplies the trained model's rewards by 1 / their std over the
+    held-out comparisons' responses (SFT samples); the training and the bias are untouched."""
+    from rlhfkit.plugins.reward_heads.last_token import LastTokenConfig, LastTokenHead
+    from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
+
+    run(tmp_path / "scaled", RM + [f"from_run={sft}", "reward_head=last_token"])
+    run(tmp_path / "unscaled", RM + [f"from_run={sft}", "reward_head=last_token", "rm.scale=false"])
+    scaled, unscaled = (json.load(open(tmp_path / d / "rm" / "reward_model.json")) for d in ("scaled", "unscaled"))
+    logged = [r for r in rows(tmp_path / "scaled") if "rm/gain" in r][0]
+    assert unscaled["gain"] == 1.0 and scaled["gain"] == logged["rm/gain"] != 1.0
+    assert scaled["bias"] == unscaled["bias"]
+    assert weights(tmp_path / "scaled" / "rm") == weights(tmp_path / "unscaled" / "rm")
+    head = lambda h: LastTokenHead(h, LastTokenConfig())  # noqa: E731
+    loaded = HFRewardLoader(HFRewardConfig()).load(str(tmp_path / "scaled" / "rm"), head)
+    assert loaded.gain == scaled["gain"]
+
+
 ARGS = RM + ["rm.ensemble_size=2", "rm.bootstrap=true", "reward=ensemble"]
 
 

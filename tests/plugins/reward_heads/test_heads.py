@@ -44,3 +44,42 @@ def test_heads_build_through_the_registry(name, cls):
     head = builder(12)
     assert isinstance(head, cls)
     assert head.token_scores(torch.randn(1, 3, 12)).shape == (1, 3)
+
+
+def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
+
+    torch.manual_seed(0)
+    head = LogProbHead(4, LogProbConfig(logprob_weight=2.0))
+    unembedding = torch.randn(7, 4)
+    head.bind(unembedding)
+    hidden, ids = torch.randn(2, 5, 4), torch.randint(0, 7, (2, 5))
+    lp = torch.log_softmax(hidden @ unembedding.T, -1)
+    expected = torch.zeros(2, 5)
+    expected[:, 1:] = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # log p(token t | < t), 0 first
+    torch.testing.assert_close(head.token_logprobs(hidden, ids), expected)
+    scores = head.token_scores(hidden, ids)  # zero linear part: 2 * log p
+    torch.testing.assert_close(scores, 2 * expected)
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    torch.testing.assert_close(head.pool(scores, mask), (scores * mask).sum(-1))  # a sum over the response
+    unembedding.add_(1.0)
+    torch.testing.assert_close(head.token_logprobs(hidden, ids), expected)  # a frozen copy, not a view
+    assert not head.unembedding.requires_grad and "unembedding" in head.state_dict()
+
+
+def test_logprob_head_needs_its_lm_head():
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
+
+    with pytest.raises(RuntimeError, match="bind"):
+        LogProbHead(4, LogProbConfig()).token_scores(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_logprob_head_builds_through_the_registry():
+    from omegaconf import OmegaConf
+
+    from rlhfkit.plugins.reward_heads.logprob import LogProbHead
+
+    registry = setup()[1]
+    entry = registry.get("reward_head", "logprob")
+    head = registry.build("reward_head", OmegaConf.structured(entry.stored_schema))(12)
+    assert isinstance(head, LogProbHead) and head.reads_tokens and head.logprob_weight.item() == 1.0

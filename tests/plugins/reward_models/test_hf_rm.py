@@ -69,3 +69,64 @@ def test_critic_values_are_shifted_by_the_bias_like_the_reward(policy_dir, tiny_
         torch.testing.assert_close(values, rm.token_values(e.input_ids, e.attention_mask) - 2.0)
     torch.testing.assert_close(rm.head.pool(values, e.attention_mask), reward)
 
+
+
+def sft_logprob_sum(policy_dir, e):
+    """Sum over each row's response tokens (EOS included) of log pi_SFT(token | before)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    with torch.no_grad():
+        logits = lm(input_ids=e.input_ids, attention_mask=e.attention_mask).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, e.input_ids[:, 1:, None]).squeeze(-1)
+    return (lp * e.loss_mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-llama"])  # tied and untied LM heads
+def test_logprob_head_starts_as_the_sft_models_log_likelihood(arch, synthetic, tmp_path):
+    """reward_head=logprob: a fresh RM scores a response by the SFT model's log-probability of
+    it (summed over the response's tokens); the copy of the LM head survives a save/load."""
+    from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
+    from rlhfkit.rlhf.retokenize import score
+
+    torch.manual_seed(0)
+    policy = HFPolicyLoader(HFPolicyConfig(model=arch)).build(synthetic)
+    policy_dir = str(tmp_path / "sft")
+    policy.save(policy_dir)
+    build = lambda h: LogProbHead(h, LogProbConfig())  # noqa: E731
+    loader = HFRewardLoader(HFRewardConfig())
+    rm = loader.build(policy_dir, build).eval()
+    e = encode_pairs(policy.tokenizer, ["copy a b =", "sort b a c ="], ["a b", "a"], torch.device("cpu"))
+    expected = sft_logprob_sum(policy_dir, e)
+    with torch.no_grad():
+        torch.testing.assert_close(score(rm, e.input_ids, e.attention_mask, e.loss_mask), expected, rtol=1e-4, atol=1e-4)
+        whole = rm(e.input_ids, e.attention_mask)  # no response mask: every token but the first
+        assert (whole < expected - 1e-3).all()  # the prompt's tokens add log-probabilities < 0
+    path = str(tmp_path / "rm")
+    os.makedirs(path)
+    rm.save(path)
+    loaded = loader.load(path, build).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(score(loaded, e.input_ids, e.attention_mask, e.loss_mask), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_multiplies_rewards_and_values_and_is_saved(policy_dir, tiny_policy, tmp_path):
+    loader = HFRewardLoader(HFRewardConfig())
+    rm = loader.build(policy_dir, head_builder)
+    rm.set_bias(0.5)
+    e = encode_pairs(tiny_policy.tokenizer, ["copy a ="], ["a"], torch.device("cpu"))
+    with torch.no_grad():
+        r1, v1 = rm(e.input_ids, e.attention_mask), rm(e.input_ids, e.attention_mask, per_token=True)
+        rm.set_scale(3.0)
+        torch.testing.assert_close(rm(e.input_ids, e.attention_mask), 3.0 * r1)
+        torch.testing.assert_close(rm(e.input_ids, e.attention_mask, per_token=True), 3.0 * v1)
+    path = str(tmp_path / "rm")
+    os.makedirs(path)
+    rm.save(path)
+    assert json.load(open(os.path.join(path, "reward_model.json")))["gain"] == 3.0
+    assert loader.load(path, head_builder).gain == 3.0
+    meta = json.load(open(os.path.join(path, "reward_model.json")))
+    del meta["gain"]  # a reward model saved before rm.scale: unscaled
+    json.dump(meta, open(os.path.join(path, "reward_model.json"), "w"))
+    assert loader.load(path, head_builder).gain == 1.0

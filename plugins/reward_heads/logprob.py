@@ -1,0 +1,90 @@
+"""``reward_head=logprob`` (the default): a reward model that starts from what the SFT model
+knows about the answer, not only from what its last hidden state carries.
+
+A response's score is the sum over its tokens (EOS included) of
+
+    c * log p(y_t | x, y_<t)  +  w . h_t + b
+
+where ``log p`` is the backbone's own next-token log-probability of the token, read through
+the language-model head the SFT model was trained with (copied into this head when the
+reward model is built, and frozen), and ``h_t`` is the backbone's hidden state at the token.
+``c`` starts at ``logprob_weight`` (1), ``w`` and ``b`` at zero (``init_std``), so an
+untrained reward model scores a response by the SFT model's log-likelihood of it; ``c``,
+``w``, ``b`` and the backbone then train on the comparisons as usual.
+
+Why (``docs/overoptimisation.md``): a linear head on the EOS state (``last_token``) learns
+the planted flaw and the length, which that state carries, but not whether the answer is
+right, which it barely carries (relative distance 0.05 between the EOS states of a right and
+a wrong answer). The SFT model does know whether each answer token is right: that is what
+it was trained to predict. Its summed log-probability is -1.8 to -2.7 for the built-in
+suites' ideal answers, -7.7 to -11.4 with one position wrong and -13.6 to -23.5 for random
+symbols. Starting from it, the reward model keeps that signal and learns the flaw on top:
+held-out accuracy rises on every built-in suite (0.659 -> 0.716, 0.742 -> 0.807, 0.577 ->
+0.672 on seed 0). A sum, not a mean: a mean over the response rises when high-probability
+tokens (a filler word) are added, and an RL policy found that at once.
+
+The sum runs over the response's tokens when the caller says which they are (the ``rm``
+stage, ``reward=model``, ``reward=ensemble``: :func:`rlhfkit.rlhf.retokenize.score`); a
+reward model fed re-tokenized text (another vocabulary) sums over every token but the first.
+As a critic (PPO, A2C) the per-token scores are the initial values; the value at token ``t``
+reads tokens up to ``t`` only.
+
+Cost: one ``(B, T, vocab)`` projection per forward, as a policy forward pays; the copy of the
+LM head is saved with the head (``reward_head.safetensors``). For models whose logits are not
+``h @ lm_head.T`` (soft-capped or scaled logits, as Gemma 2's) the term is close to their
+log-probability, not equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit import hookimpl
+from rlhfkit.plugins.reward_heads.last_token import linear_scorer
+from rlhfkit.settings import bounded
+
+
+@dataclass
+class LogProbConfig:
+    init_std: float = bounded(0.0, ge=0)
+    """Std of the linear part's initial weights (0: zeros)."""
+    logprob_weight: float = bounded(1.0, ge=0)
+    """Initial weight ``c`` of the token log-probabilities (learned; 0: a linear score summed
+    over the response, which knows only what the hidden states carry)."""
+
+
+class LogProbHead(torch.nn.Module):
+    reads_tokens = True  # token_scores(hidden, input_ids); pooled over the response's tokens
+
+    def __init__(self, hidden_size: int, cfg: LogProbConfig):
+        super().__init__()
+        self.linear = linear_scorer(hidden_size, cfg.init_std)
+        self.logprob_weight = torch.nn.Parameter(torch.tensor(float(cfg.logprob_weight)))
+        self.register_buffer("unembedding", torch.zeros(0, hidden_size))
+
+    def bind(self, unembedding: torch.Tensor) -> None:
+        """Take a frozen fp32 copy of the language-model head's weight, (vocab, hidden)."""
+        self.unembedding = unembedding.detach().to(torch.float32).clone()
+
+    def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, H), (B, T) -> (B, T): log p(token t | tokens < t); 0 at the first position."""
+        if self.unembedding.numel() == 0:
+            raise RuntimeError("LogProbHead.bind(lm_head_weight) was not called")
+        logits = hidden[:, :-1] @ self.unembedding.to(hidden.dtype).T  # (B, T-1, V)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return torch.nn.functional.pad(lp, (1, 0))
+
+    def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1) + self.logprob_weight * self.token_logprobs(hidden, input_ids)
+
+    def pool(self, token_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sum over ``mask``: the response's tokens, or every attended token but the first
+        (whose log-probability is undefined) when the response is not known."""
+        return (token_scores * mask.to(token_scores.dtype)).sum(-1)  # (B,)
+
+
+@hookimpl
+def rlhfkit_register_reward_heads(register):
+    register("logprob", lambda cfg: (lambda hidden: LogProbHead(hidden, cfg)), LogProbConfig)
