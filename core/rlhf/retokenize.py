@@ -19,8 +19,11 @@ def reward_model_context(rm: Any) -> int | None:
 
 
 def unwrapped(rm: Any) -> Any:
-    """The model a backend wrapped (``.module`` of DDP and DeepSpeed engines), or ``rm``."""
-    return rm.module if isinstance(getattr(rm, "module", None), torch.nn.Module) else rm
+    """The model a backend wrapped (``.module`` of engines, DDP and DeepSpeed, followed down),
+    or ``rm``."""
+    while isinstance(getattr(rm, "module", None), torch.nn.Module):
+        rm = rm.module
+    return rm
 
 
 def score(rm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -43,13 +43,18 @@ import torch
 
 from rlhfkit import hookimpl
 from rlhfkit.plugins.reward_heads.last_token import linear_scorer
-from rlhfkit.settings import bounded
+from rlhfkit.rlhf.masked import masked_mean
+from rlhfkit.settings import bounded, one_of
 
 
 @dataclass
 class LogProbConfig:
     init_std: float = bounded(0.0, ge=0)
     """Std of the linear part's initial weights (0: zeros)."""
+    pool: str = one_of("sum", "mean")
+    """How the per-token scores make the reward: ``sum`` over the response's tokens, or their
+    ``mean``, which padding with high-probability tokens raises (an exploitable reward
+    model, as ``experiment=overoptimization`` wants)."""
     logprob_weight: float = bounded(1.0, ge=0)
     """Initial weight ``c`` of the token log-probabilities (learned; 0: a linear score summed
     over the response, which knows only what the hidden states carry)."""
@@ -62,6 +67,7 @@ class LogProbHead(torch.nn.Module):
         super().__init__()
         self.linear = linear_scorer(hidden_size, cfg.init_std)
         self.logprob_weight = torch.nn.Parameter(torch.tensor(float(cfg.logprob_weight)))
+        self.mean = cfg.pool == "mean"
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
     def bind(self, unembedding: torch.Tensor) -> None:
@@ -80,9 +86,10 @@ class LogProbHead(torch.nn.Module):
         return self.linear(hidden).squeeze(-1) + self.logprob_weight * self.token_logprobs(hidden, input_ids)
 
     def pool(self, token_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sum over ``mask``: the response's tokens, or every attended token but the first
-        (whose log-probability is undefined) when the response is not known."""
-        return (token_scores * mask.to(token_scores.dtype)).sum(-1)  # (B,)
+        """Sum (or mean) over ``mask``: the response's tokens, or every attended token but the
+        first (whose log-probability is undefined) when the response is not known."""
+        mask = mask.to(token_scores.dtype)
+        return masked_mean(token_scores, mask, dim=-1) if self.mean else (token_scores * mask).sum(-1)  # (B,)
 
 
 @hookimpl

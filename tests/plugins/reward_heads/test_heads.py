@@ -83,3 +83,27 @@ def test_logprob_head_builds_through_the_registry():
     entry = registry.get("reward_head", "logprob")
     head = registry.build("reward_head", OmegaConf.structured(entry.stored_schema))(12)
     assert isinstance(head, LogProbHead) and head.reads_tokens and head.logprob_weight.item() == 1.0
+
+
+def test_score_passes_the_response_mask_only_to_models_that_take_it_through_wrappers():
+    from rlhfkit.rlhf.retokenize import score
+
+    class Takes(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, per_token=False, response_mask=None):
+            return (response_mask if response_mask is not None else attention_mask).sum(-1).float()
+
+    class Old(torch.nn.Module):  # a third-party reward model written before response_mask
+        def forward(self, input_ids, attention_mask):
+            return attention_mask.sum(-1).float()
+
+    class Engine(torch.nn.Module):  # a backend's wrapper, as DDP's and DeepSpeed's: .module, forward(**kw)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    ids, mask, response = torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5), torch.tensor([[0, 0, 1, 1, 1]])
+    assert score(Engine(Engine(Takes())), ids, mask, response).item() == 3.0
+    assert score(Engine(Old()), ids, mask, response).item() == 5.0
