@@ -66,7 +66,8 @@ class LogProbHead(torch.nn.Module):
     def __init__(self, hidden_size: int, cfg: LogProbConfig):
         super().__init__()
         self.linear = linear_scorer(hidden_size, cfg.init_std)
-        self.logprob_weight = torch.nn.Parameter(torch.tensor(float(cfg.logprob_weight)))
+        # shape (1,), not (): DeepSpeed cannot broadcast a 0-dim parameter
+        self.logprob_weight = torch.nn.Parameter(torch.full((1,), float(cfg.logprob_weight)))
         self.mean = cfg.pool == "mean"
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
