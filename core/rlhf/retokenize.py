@@ -26,11 +26,12 @@ def unwrapped(rm: Any) -> Any:
     return rm
 
 
-def score(rm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def score(rm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          response_mask: torch.Tensor | None) -> torch.Tensor:
     """(B,) rewards of ``rm`` for right-aligned sequences whose response tokens are
-    ``response_mask`` (B, T). The mask is passed to reward models whose ``forward`` takes
-    ``response_mask`` (a head that averages over the response, ``reward_head=logprob``);
-    one that does not is called as ``rm(input_ids, attention_mask)``."""
+    ``response_mask`` (B, T; None: not known). The mask is passed to reward models whose
+    ``forward`` takes ``response_mask`` (a head that averages over the response,
+    ``reward_head=logprob``); one that does not is called as ``rm(input_ids, attention_mask)``."""
     forward = unwrapped(rm).forward
     try:
         takes = "response_mask" in inspect.signature(forward).parameters

@@ -113,9 +113,7 @@ class Members(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if response_mask is None:
-            return torch.stack([m(input_ids, attention_mask).float() for m in self.members])  # (K, B)
-        return torch.stack([score(m, input_ids, attention_mask, response_mask).float() for m in self.members])
+        return torch.stack([score(m, input_ids, attention_mask, response_mask).float() for m in self.members])  # (K, B)
 
 
 class EnsembleReward:
