@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.rlhf.fused import chosen_logprobs
+from rlhfkit.rlhf.retokenize import unwrapped
 
 if TYPE_CHECKING:
     from rlhfkit.rlhf.sampling import Rollout
@@ -62,7 +63,7 @@ _UNFUSABLE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's linear LM head, or None (no such head, or one whose weight is a ZeRO-3
     shard that only the module's own forward gathers)."""
-    inner = getattr(model, "module", model)  # engines wrap the model
+    inner = unwrapped(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id"):
         return None
@@ -72,7 +73,7 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The plain linear LM head the fused path can use, or None (see :func:`_plain_head`;
     or a model whose logits are not the head's output)."""
-    if getattr(model, "module", model) in _UNFUSABLE:
+    if unwrapped(model) in _UNFUSABLE:
         return None
     return _plain_head(model)
 
@@ -131,7 +132,7 @@ def _head_made_logits(model: torch.nn.Module, head: torch.nn.Linear, last: torch
         mine = F.linear(last[:, -1], head.weight, head.bias).float()
         same = torch.allclose(mine, logits[:, -1].float(), atol=1e-3, rtol=1e-3)
     if not same:
-        _UNFUSABLE.add(getattr(model, "module", model))
+        _UNFUSABLE.add(unwrapped(model))
     return same
 
 

@@ -5,8 +5,10 @@ SFT policy's samples (InstructGPT section 3.5, eq. 1). Its product ``rm/`` is wh
 ``rm.ensemble_size=K`` trains K reward models one after the other (Coste et al. 2023,
 "Reward Model Ensembles Help Mitigate Overoptimization"), each from its own seed (its batch
 order, and its head's initialisation where the head starts at random, e.g.
-``reward_head.init_std>0``; the default ``last_token`` head starts at zero) and, with
-``rm.bootstrap=true``, on its own bootstrap resample of the comparisons. Each member is normalised on its own. The product is then::
+``reward_head.init_std>0``; the built-in heads start at zero by default) and, with
+``rm.bootstrap=true``, on its own bootstrap resample of the comparisons. Members that differ
+only in batch order score much alike (the stage warns): ``rm.bootstrap=true
+reward_head.init_std=0.1`` is what kept gold above one reward model on every built-in suite. Each member is normalised on its own. The product is then::
 
     rm/                member 0: what reward=model, a value model and from_run read
     rm/members/<k>/    members 1 .. K-1, each a reward-model directory like rm/ itself
@@ -209,6 +211,8 @@ class RM:
         if k:  # member 0 draws from the stream seeded by run(), as the single reward model does
             seed_everything(seed)
         rm = loader.build(base, ctx.components["reward_head"])
+        if cfg.ensemble_size > 1 and not cfg.bootstrap:
+            self.check_members_differ(ctx, rm, k)
         self.tok = optional(rm, RewardModel, "tokenizer") or self.sft_tok  # the RM reads text with its own tokenizer
         self.context = reward_model_context(rm) or ctx.data.context
         units = train if cfg.loss == RMLoss.kwise else as_pairs(train)
@@ -247,6 +251,20 @@ class RM:
             metrics["rm/gain"] = gain
             heldout = heldout * gain
         return rm, metrics, steps, heldout
+
+    def check_members_differ(self, ctx: StageContext, rm: RewardModel, k: int) -> None:
+        """Warn when members 0 and 1 start from the same head and train on the same data: they
+        then differ only in batch order and score much alike (measured: no gain over one
+        reward model on two of the three built-in suites, README "Reward-model ensembles")."""
+        head = getattr(rm, "head", None)
+        start = [p.detach().clone() for p in head.parameters()] if isinstance(head, torch.nn.Module) else None
+        if k == 0:
+            self.head_start = start
+        elif k == 1 and start is not None and getattr(self, "head_start", None) is not None and \
+                len(start) == len(self.head_start) and all(map(torch.equal, start, self.head_start)):
+            ctx.out.warn("the ensemble's members start from the same reward head and train on the same "
+                         "comparisons: they differ only in batch order and will score much alike. Make them "
+                         "differ with rm.bootstrap=true and a random head, e.g. reward_head.init_std=0.1.")
 
     def ensemble(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison]) -> None:
         """Train the members one at a time, each written when done (a resumed run takes the

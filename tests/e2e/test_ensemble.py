@@ -3,6 +3,8 @@ bit and the other members differ; bootstrap resamples change the members; a run 
 mid-ensemble resumes to the uninterrupted result; every RL algorithm runs with
 ``reward=ensemble`` and reports the members' disagreement in training and evaluation."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -50,8 +52,13 @@ def sft(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ensemble(sft, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ens") / "run"
-    run(run_dir, RM + [f"from_run={sft}", "rm.ensemble_size=2", "reward=ensemble"])
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        run(run_dir, RM + [f"from_run={sft}", "rm.ensemble_size=2", "reward=ensemble"])
+    (run_dir / "stderr.txt").write_text(err.getvalue())
     return run_dir
+
+
+SAME_START = "members start from the same reward head and train on the same comparisons"
 
 
 def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble, tmp_path):
@@ -69,6 +76,7 @@ def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble
     assert not os.path.exists(ensemble / "checkpoints" / "rm" / "member-0")  # the trained members now live in the product
     sft_eval = json.load(open(ensemble / "eval.json"))["policies"]["sft"]
     assert sft_eval["reward/ensemble/std_mean"] > 0  # the evaluation reports the members' disagreement
+    assert SAME_START in (ensemble / "stderr.txt").read_text()  # members that differ only in batch order: warned
 
 
 def test_rm_scale_gives_unit_std_over_sft_samples_without_changing_training(sft, tmp_path):
@@ -101,7 +109,9 @@ def _result(run_dir):
 def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_and_bootstrap_changes_members(sft, ensemble, tmp_path):
     args = ARGS + [f"from_run={sft}"]
     ref_dir = tmp_path / "ref"
-    run(ref_dir, args)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        run(ref_dir, args)
+    assert SAME_START not in err.getvalue()  # bootstrap resamples: the members differ in their data
     reference = _result(ref_dir)
     boot, plain = reference[1], weights(ensemble / "rm")
     assert json.load(open(ref_dir / "rm" / "ensemble.json"))["bootstrap"] is True
