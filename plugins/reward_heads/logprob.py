@@ -29,8 +29,10 @@ reward model fed re-tokenized text (another vocabulary) sums over every token bu
 As a critic (PPO, A2C) the per-token scores are the initial values; the value at token ``t``
 reads tokens up to ``t`` only.
 
-Cost: one ``(B, T, vocab)`` projection per forward, as a policy forward pays; the copy of the
-LM head is saved with the head (``reward_head.safetensors``). For models whose logits are not
+Cost: one LM-head projection per forward, chunked and fused like the policy's
+(:mod:`rlhfkit.rlhf.fused`: fp32 even under autocast, no ``(B, T, vocab)`` logits kept for the
+backward pass); the fp32 copy of the LM head (vocab x hidden) is held by every reward model
+and critic built with this head and saved with it (``reward_head.safetensors``). For models whose logits are not
 ``h @ lm_head.T`` (soft-capped or scaled logits, as Gemma 2's) the term is close to their
 log-probability, not equal.
 """
@@ -42,7 +44,9 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit import hookimpl
+from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.reward_heads.last_token import linear_scorer
+from rlhfkit.rlhf.fused import chosen_logprobs
 from rlhfkit.rlhf.masked import masked_mean
 from rlhfkit.settings import bounded, one_of
 
@@ -75,15 +79,17 @@ class LogProbHead(torch.nn.Module):
         """Take a frozen fp32 copy of the language-model head's weight, (vocab, hidden)."""
         self.unembedding = unembedding.detach().to(torch.float32).clone()
 
-    def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, T): log p(token t | tokens < t); 0 at the first position."""
-        if self.unembedding.numel() == 0:
-            raise RuntimeError("LogProbHead.bind(lm_head_weight) was not called")
-        logits = hidden[:, :-1] @ self.unembedding.to(hidden.dtype).T  # (B, T-1, V)
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        if self.unembedding.numel() == 0 or input_ids is None:
+            raise ConfigError("reward_head=logprob reads the SFT model's token log-probabilities, which this reward "
+                              "model does not give it (a loader other than reward_model=hf_rm, or a backbone without "
+                              "a language-model head): select reward_head=last_token.")
+        # fused: fp32 under autocast too, and no (B, T, V) logits kept for the backward pass
+        lp, _ = chosen_logprobs(hidden[:, :-1], self.unembedding, None, input_ids[:, 1:])
         return torch.nn.functional.pad(lp, (1, 0))
 
-    def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(hidden).squeeze(-1) + self.logprob_weight * self.token_logprobs(hidden, input_ids)
 
     def pool(self, token_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

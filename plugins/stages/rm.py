@@ -211,6 +211,8 @@ class RM:
         if k:  # member 0 draws from the stream seeded by run(), as the single reward model does
             seed_everything(seed)
         rm = loader.build(base, ctx.components["reward_head"])
+        if hasattr(rm, "set_scale"):  # a reward model trained before may carry a gain: train and normalise unscaled
+            rm.set_scale(1.0)
         if cfg.ensemble_size > 1 and not cfg.bootstrap:
             self.check_members_differ(ctx, rm, k)
         self.tok = optional(rm, RewardModel, "tokenizer") or self.sft_tok  # the RM reads text with its own tokenizer
@@ -257,7 +259,9 @@ class RM:
         then differ only in batch order and score much alike (measured: no gain over one
         reward model on two of the three built-in suites, README "Reward-model ensembles")."""
         head = getattr(rm, "head", None)
-        start = [p.detach().clone() for p in head.parameters()] if isinstance(head, torch.nn.Module) else None
+        if not isinstance(head, torch.nn.Module) or getattr(getattr(rm, "lora", None), "enabled", False):
+            return  # no head to compare, or LoRA adapters: those start at random per seed
+        start = [p.detach().clone() for p in head.parameters()] or None
         if k == 0:
             self.head_start = start
         elif k == 1 and start is not None and getattr(self, "head_start", None) is not None and \

@@ -97,6 +97,22 @@ def test_rm_scale_gives_unit_std_over_sft_samples_without_changing_training(sft,
     assert loaded.gain == scaled["gain"]
 
 
+def test_a_gain_saved_with_the_starting_classifier_changes_nothing(sft, tmp_path):
+    """reward_model=seq_cls path=<a trained reward model> trains from it: the gain it was saved
+    with is reset before training and normalising, so it is not applied twice."""
+    seq = ["reward_model=seq_cls"]
+    run(tmp_path / "first", RM + [f"from_run={sft}"] + seq)
+    start = tmp_path / "first" / "rm"
+    meta = json.load(open(start / "reward_model.json"))
+    results = []
+    for gain in (1.0, 5.0):
+        json.dump({**meta, "gain": gain}, open(start / "reward_model.json", "w"))
+        run(tmp_path / f"gain{gain}", RM + [f"from_run={sft}", f"reward_model.path={start}"] + seq)
+        results.append((json.load(open(tmp_path / f"gain{gain}" / "rm" / "reward_model.json")),
+                        weights(tmp_path / f"gain{gain}" / "rm")))
+    assert results[0] == results[1]
+
+
 ARGS = RM + ["rm.ensemble_size=2", "rm.bootstrap=true", "reward=ensemble"]
 
 

@@ -70,8 +70,15 @@ def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
 def test_logprob_head_needs_its_lm_head():
     from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
 
-    with pytest.raises(RuntimeError, match="bind"):
-        LogProbHead(4, LogProbConfig()).token_scores(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long))
+    from rlhfkit.errors import ConfigError
+
+    unbound = LogProbHead(4, LogProbConfig())
+    with pytest.raises(ConfigError, match="select reward_head=last_token"):  # a loader that does not bind it
+        unbound.token_scores(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long))
+    bound = LogProbHead(4, LogProbConfig())
+    bound.bind(torch.randn(7, 4))
+    with pytest.raises(ConfigError, match="select reward_head=last_token"):  # one that passes no token ids
+        bound.token_scores(torch.randn(1, 3, 4))
 
 
 def test_logprob_head_builds_through_the_registry():
