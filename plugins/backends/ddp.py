@@ -45,6 +45,10 @@ class DDPBackend(common.Collectives):
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.cfg.find_unused_parameters,
+            # the models' buffers are constants (rotary tables, position ids, reward_head=logprob's
+            # frozen vocab x hidden copy of the LM head), identical on every rank from the start:
+            # re-broadcasting them before every forward would only cost time
+            broadcast_buffers=False,
         )
         return common.LocalEngine(model, optimizer, scheduler, max_grad_norm, forward=ddp, is_main=self.is_main,
                                   any_rank=self.any_rank if self.world_size > 1 else None)
