@@ -72,7 +72,7 @@ class LogProbHead(torch.nn.Module):
         self.linear = linear_scorer(hidden_size, cfg.init_std)
         # shape (1,), not (): DeepSpeed cannot broadcast a 0-dim parameter
         self.logprob_weight = torch.nn.Parameter(torch.full((1,), float(cfg.logprob_weight)))
-        self.mean = cfg.pool == "mean"
+        self.mean, self.pool_kind = cfg.pool == "mean", cfg.pool  # pool_kind: saved with the reward model
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
     def bind(self, unembedding: torch.Tensor) -> None:

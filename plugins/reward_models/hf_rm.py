@@ -117,7 +117,8 @@ class BackboneRewardModel(torch.nn.Module):
         save_with_tokenizer(self.backbone, self.tokenizer, path, self.lora, self.base)
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, os.path.join(path, HEAD_FILE))
-        meta = {"head_class": type(self.head).__name__, "bias": float(self.bias), "gain": self.gain}
+        meta = {"head_class": type(self.head).__name__, "bias": float(self.bias), "gain": self.gain,
+                **({"head_pool": self.head.pool_kind} if hasattr(self.head, "pool_kind") else {})}
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -170,6 +171,10 @@ class HFRewardLoader:
                 f"The reward model at {path!r} was trained with head {meta['head_class']}, but the run "
                 f"selects {type(rm.head).__name__}. Select the matching reward_head."
             )
+        saved, chosen = meta.get("head_pool"), getattr(rm.head, "pool_kind", None)
+        if saved is not None and chosen is not None and saved != chosen:  # the bias and gain hold for one pooling only
+            raise CheckpointError(f"The reward model at {path!r} was trained with reward_head.pool={saved}, but the run "
+                                  f"selects reward_head.pool={chosen}. Set reward_head.pool={saved}.")
         try:
             state = load_file(os.path.join(path, HEAD_FILE))
             if hasattr(rm.head, "bind") and "unembedding" in state:

@@ -109,6 +109,9 @@ def test_logprob_head_starts_as_the_sft_models_log_likelihood(arch, synthetic, t
     loaded = loader.load(path, build).eval()
     with torch.no_grad():
         torch.testing.assert_close(score(loaded, e.input_ids, e.attention_mask, e.loss_mask), expected, rtol=1e-4, atol=1e-4)
+    # the pooling is saved with it: another one would silently change the reward, bias and gain
+    with pytest.raises(CheckpointError, match=r"trained with reward_head.pool=sum.*Set reward_head.pool=sum"):
+        loader.load(path, lambda h: LogProbHead(h, LogProbConfig(pool="mean")))
 
 
 def test_scale_multiplies_rewards_and_values_and_is_saved(policy_dir, tiny_policy, tmp_path):
