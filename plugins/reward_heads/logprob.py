@@ -72,7 +72,7 @@ class LogProbHead(torch.nn.Module):
         self.linear = linear_scorer(hidden_size, cfg.init_std)
         # shape (1,), not (): DeepSpeed cannot broadcast a 0-dim parameter
         self.logprob_weight = torch.nn.Parameter(torch.full((1,), float(cfg.logprob_weight)))
-        self.mean, self.pool_kind = cfg.pool == "mean", cfg.pool  # pool_kind: saved with the reward model
+        self.pool_kind = cfg.pool  # saved with the reward model, checked when it is loaded
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
     def bind(self, unembedding: torch.Tensor) -> None:
@@ -96,7 +96,7 @@ class LogProbHead(torch.nn.Module):
         """Sum (or mean) over ``mask``: the response's tokens, or every attended token but the
         first (whose log-probability is undefined) when the response is not known."""
         mask = mask.to(token_scores.dtype)
-        return masked_mean(token_scores, mask, dim=-1) if self.mean else (token_scores * mask).sum(-1)  # (B,)
+        return masked_mean(token_scores, mask, dim=-1) if self.pool_kind == "mean" else (token_scores * mask).sum(-1)  # (B,)
 
 
 @hookimpl

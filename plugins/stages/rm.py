@@ -181,6 +181,7 @@ class RM:
 
     def __init__(self, cfg: RMConfig):
         self.cfg = cfg
+        self.head_start: list[torch.Tensor] | None = None  # member 0's head before training
 
     def run(self, ctx: StageContext) -> None:
         seed_everything(ctx.seed + 1)
@@ -259,13 +260,13 @@ class RM:
         then differ only in batch order and score much alike (measured: no gain over one
         reward model on two of the three built-in suites, README "Reward-model ensembles")."""
         head = getattr(rm, "head", None)
-        if not isinstance(head, torch.nn.Module) or getattr(getattr(rm, "lora", None), "enabled", False):
-            return  # no head to compare, or LoRA adapters: those start at random per seed
+        if k > 1 or not isinstance(head, torch.nn.Module) or getattr(getattr(rm, "lora", None), "enabled", False):
+            return  # members 0 and 1 tell; no head to compare, or LoRA adapters (those start at random per seed)
         start = [p.detach().clone() for p in head.parameters()] or None
         if k == 0:
             self.head_start = start
-        elif k == 1 and start is not None and getattr(self, "head_start", None) is not None and \
-                len(start) == len(self.head_start) and all(map(torch.equal, start, self.head_start)):
+        elif start is not None and self.head_start is not None and len(start) == len(self.head_start) \
+                and all(map(torch.equal, start, self.head_start)):
             ctx.out.warn("the ensemble's members start from the same reward head and train on the same "
                          "comparisons: they differ only in batch order and will score much alike. Make them "
                          "differ with rm.bootstrap=true and a random head, e.g. reward_head.init_std=0.1.")

@@ -68,9 +68,8 @@ def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
 
 
 def test_logprob_head_needs_its_lm_head():
-    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
-
     from rlhfkit.errors import ConfigError
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
 
     unbound = LogProbHead(4, LogProbConfig())
     with pytest.raises(ConfigError, match="select reward_head=last_token"):  # a loader that does not bind it
