@@ -5,10 +5,11 @@ For each suite and seed it trains SFT and an ensemble of ``--members`` reward mo
 (``from_run``), with the KL penalty off and evaluations every ``--eval-every`` steps
 (``experiment=overoptimization``, shortened with ``--steps``):
 
-- ``single``: ``reward=model``, which scores with member 0. With ``rm.bootstrap=false``
-  member 0 is trained exactly as the single reward model of ``rm.ensemble_size=1`` is
-  (same seed, data and batches; tests/e2e/test_ensemble.py checks the weights are equal),
-  so this is the single-RM run, with no second RM stage to pay for.
+- ``single``: ``reward=model``, which scores with member 0. Member 0 is trained exactly as
+  the single reward model of ``rm.ensemble_size=1`` is (same seed, data, start and batches;
+  tests/e2e/test_ensemble.py checks the weights are equal), so this is the single-RM run,
+  with no second RM stage to pay for. The other members differ from it in their seed, their
+  bootstrap resample (``rm.bootstrap``) and their head's random start (``rm.member_init_std``).
 - ``uwo``: ``reward=ensemble reward.objective=uwo reward.uwo_lambda=--lam``.
 - ``wco``: ``reward=ensemble reward.objective=wco``.
 
@@ -65,8 +66,8 @@ def suite_seed(suite: str, seed: int, args: argparse.Namespace, root: str) -> di
     base = [f"data={suite}", f"seed={seed}", *args.overrides]
     name = f"{suite}-s{seed}"
     # experiment=overoptimization here too: it chooses the RM's head and epochs, which the RL runs must match
-    rm_run = launch(f"{name}-rm", [*base, "experiment=overoptimization", "stages=[sft,rm]", f"rm.ensemble_size={args.members}",
-                       f"rm.bootstrap={str(args.bootstrap).lower()}"], root)
+    rm_run = launch(f"{name}-rm", [*base, "experiment=overoptimization", "stages=[sft,rm]",
+                                   f"rm.ensemble_size={args.members}"], root)
     with open(os.path.join(rm_run, "rm", "ensemble.json")) as f:
         members = json.load(f)
     out = {"suite": suite, "seed": seed, "rm_accuracy": members["accuracy"], "member_accuracy": members["member_accuracy"],
@@ -106,7 +107,6 @@ def main() -> None:
     ap.add_argument("--suites", nargs="+", default=["synthetic"], help="data=... choices (the built-in suites)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--members", type=int, default=3, help="rm.ensemble_size")
-    ap.add_argument("--bootstrap", action="store_true", help="rm.bootstrap=true (then 'single' is a bootstrapped member)")
     ap.add_argument("--lam", type=float, default=1.0, help="reward.uwo_lambda")
     ap.add_argument("--steps", type=int, default=200, help="rl.steps of each RL run")
     ap.add_argument("--eval-every", type=int, default=10, help="rl.eval_every")

@@ -19,11 +19,14 @@ def reward_model_context(rm: Any) -> int | None:
 
 
 def unwrapped(rm: Any) -> Any:
-    """The model a backend wrapped (``.module`` of engines, DDP and DeepSpeed, followed down),
-    or ``rm``."""
-    while isinstance(getattr(rm, "module", None), torch.nn.Module):
-        rm = rm.module
-    return rm
+    """The model a backend or ``torch.compile`` wrapped (``.module`` of engines, DDP and
+    DeepSpeed, ``._orig_mod`` of a compiled module, followed down), or ``rm``."""
+    while True:
+        inner = getattr(rm, "module", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else getattr(rm, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return rm
+        rm = inner
 
 
 def score(rm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,

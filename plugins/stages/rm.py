@@ -3,22 +3,22 @@ SFT policy's samples (InstructGPT section 3.5, eq. 1). Its product ``rm/`` is wh
 ``reward=model`` scores RL rollouts with.
 
 ``rm.ensemble_size=K`` trains K reward models one after the other (Coste et al. 2023,
-"Reward Model Ensembles Help Mitigate Overoptimization"), each from its own seed (its batch
-order, and its head's initialisation where the head starts at random, e.g.
-``reward_head.init_std>0``; the built-in heads start at zero by default) and, with
-``rm.bootstrap=true``, on its own bootstrap resample of the comparisons. Members that differ
-only in batch order score much alike (the stage warns): ``rm.bootstrap=true
-reward_head.init_std=0.1`` is what kept gold above one reward model on every built-in suite. Each member is normalised on its own. The product is then::
+"Reward Model Ensembles Help Mitigate Overoptimization"). Member 0 is the single reward
+model: trained exactly as ``rm.ensemble_size=1`` trains it (same seed, data, start and
+checkpoints), so ``reward=model`` on an ensemble's product is the single-RM run. Members
+1..K-1 each draw their own seed (batch order), their own bootstrap resample of the
+comparisons (``rm.bootstrap``) and their own random start: N(0, ``rm.member_init_std``)
+added to their reward head's weight matrices. Members that differ only in batch order score
+much alike (the stage warns); README "Reward-model ensembles" has the measurements. Each
+member is normalised on its own. The product is then::
 
     rm/                member 0: what reward=model, a value model and from_run read
     rm/members/<k>/    members 1 .. K-1, each a reward-model directory like rm/ itself
     rm/ensemble.json   the members' directories, held-out accuracies and biases
 
-and ``reward=ensemble`` scores with all of them. Member 0 is trained exactly as the single
-reward model of ``rm.ensemble_size=1`` is (same seed, same data, same checkpoints), so with
-``rm.bootstrap=false`` ``reward=model`` on an ensemble's product is the single-RM run. A
-finished member is kept under ``checkpoints/rm/member-<k>/trained/`` until the product is
-written: a run killed mid-ensemble resumes at the member it was training."""
+and ``reward=ensemble`` scores with all of them. A finished member is kept under
+``checkpoints/rm/member-<k>/trained/`` until the product is written: a run killed
+mid-ensemble resumes at the member it was training."""
 
 from __future__ import annotations
 
@@ -76,9 +76,14 @@ class RMConfig:
     ensemble_size: int = bounded(1, ge=1)
     """Reward models to train, each from its own seed (Coste et al. 2023); 1: one, as in
     InstructGPT. ``reward=ensemble`` scores with all of them."""
-    bootstrap: bool = False
-    """Train each member on its own bootstrap resample of the training comparisons (as many,
-    drawn with replacement), so that members differ in their data as well as their seed."""
+    bootstrap: bool = True
+    """Train ensemble members 1..K-1 each on its own bootstrap resample of the training
+    comparisons (as many, drawn with replacement), so that they differ in their data as well
+    as their seed. Member 0, the single reward model, trains on the comparisons as they are."""
+    member_init_std: float = bounded(0.1, ge=0)
+    """Ensemble members 1..K-1 start with N(0, this) noise added to their reward head's weight
+    matrices (its parameters of two or more dimensions), each from its own seed, so that they
+    differ in their start too; member 0 starts as the single reward model does. 0: no noise."""
 
 
 ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "members"
@@ -95,6 +100,16 @@ def bootstrap(units: Sequence[Any], seed: int) -> list[Any]:
     (the global RNG is left as it was)."""
     idx = torch.randint(len(units), (len(units),), generator=torch.Generator().manual_seed(seed))
     return [units[i] for i in idx.tolist()]
+
+
+def perturb_head(head: torch.nn.Module, std: float, seed: int) -> None:
+    """Add N(0, ``std``) noise to ``head``'s weight matrices (parameters of two or more
+    dimensions; biases and scalar gains are left as they are), from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype), alpha=std)
 
 
 def ensemble_members(path: str) -> list[str]:
@@ -214,12 +229,15 @@ class RM:
         rm = loader.build(base, ctx.components["reward_head"])
         if hasattr(rm, "set_scale"):  # a reward model trained before may carry a gain: train and normalise unscaled
             rm.set_scale(1.0)
+        head = getattr(rm, "head", None)
+        if k and cfg.member_init_std > 0 and isinstance(head, torch.nn.Module):
+            perturb_head(head, cfg.member_init_std, seed)
         if cfg.ensemble_size > 1 and not cfg.bootstrap:
             self.check_members_differ(ctx, rm, k)
         self.tok = optional(rm, RewardModel, "tokenizer") or self.sft_tok  # the RM reads text with its own tokenizer
         self.context = reward_model_context(rm) or ctx.data.context
         units = train if cfg.loss == RMLoss.kwise else as_pairs(train)
-        if cfg.bootstrap:
+        if k and cfg.bootstrap:  # member 0 is the single reward model: the comparisons as they are
             units = bootstrap(units, seed)
         steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
         optimizer, scheduler = adamw_cosine(rm.parameters(), cfg, steps)
@@ -269,7 +287,7 @@ class RM:
                 and all(map(torch.equal, start, self.head_start)):
             ctx.out.warn("the ensemble's members start from the same reward head and train on the same "
                          "comparisons: they differ only in batch order and will score much alike. Make them "
-                         "differ with rm.bootstrap=true and a random head, e.g. reward_head.init_std=0.1.")
+                         "differ with rm.bootstrap=true or rm.member_init_std=0.1 (the defaults).")
 
     def ensemble(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison]) -> None:
         """Train the members one at a time, each written when done (a resumed run takes the

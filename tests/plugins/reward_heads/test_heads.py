@@ -91,7 +91,7 @@ def test_logprob_head_builds_through_the_registry():
     assert isinstance(head, LogProbHead) and head.reads_tokens and head.logprob_weight.item() == 1.0
 
 
-def test_score_passes_the_response_mask_only_to_models_that_take_it_through_wrappers():
+def test_score_passes_the_response_mask_only_to_models_that_take_it_through_wrappers_and_compile():
     from rlhfkit.rlhf.retokenize import score
 
     class Takes(torch.nn.Module):
@@ -113,3 +113,5 @@ def test_score_passes_the_response_mask_only_to_models_that_take_it_through_wrap
     ids, mask, response = torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5), torch.tensor([[0, 0, 1, 1, 1]])
     assert score(Engine(Engine(Takes())), ids, mask, response).item() == 3.0
     assert score(Engine(Old()), ids, mask, response).item() == 5.0
+    compiled = torch.compile(Takes(), backend="eager")  # an OptimizedModule: the model is its ._orig_mod
+    assert score(Engine(compiled), ids, mask, response).item() == 3.0

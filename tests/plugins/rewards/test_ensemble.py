@@ -12,7 +12,7 @@ from rlhfkit.config import EvalConfig, validate_run
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
 from rlhfkit.plugins.rewards.ensemble import EnsembleReward, EnsembleRewardConfig, ensemble_objective
-from rlhfkit.plugins.stages.rm import ENSEMBLE_FILE, bootstrap, ensemble_members
+from rlhfkit.plugins.stages.rm import ENSEMBLE_FILE, bootstrap, ensemble_members, perturb_head
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.rlhf.tokenize import encode_pairs
 
@@ -40,6 +40,23 @@ def test_bootstrap_resamples_differ_per_member_and_leave_the_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
     assert a == bootstrap(units, 1) and a != b  # deterministic per seed, different between members
     assert len(a) == len(units) and set(a) <= set(units) and len(set(a)) < len(units)  # with replacement
+
+
+def test_a_members_random_start_moves_only_the_heads_weight_matrices():
+    """rm.member_init_std: members 1.. start from the single RM's head plus N(0, std) on its
+    weight matrices; the bias and the log-likelihood's weight stay, and so does the global RNG."""
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
+
+    heads = [LogProbHead(64, LogProbConfig()) for _ in range(3)]
+    before = torch.get_rng_state()
+    perturb_head(heads[0], 0.1, 1)
+    perturb_head(heads[1], 0.1, 1)
+    perturb_head(heads[2], 0.1, 7920)
+    assert torch.equal(torch.get_rng_state(), before)
+    w = [h.linear.weight.detach() for h in heads]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])  # deterministic per member seed
+    assert 0.07 < float(w[2].std()) < 0.13 and float(w[2].abs().max()) > 0
+    assert all(float(h.linear.bias.detach()) == 0 and float(h.logprob_weight.detach()) == 1 for h in heads)
 
 
 class Ctx:
