@@ -31,14 +31,17 @@ reads tokens up to ``t`` only.
 
 Cost: one LM-head projection per forward, chunked and fused like the policy's
 (:mod:`rlhfkit.rlhf.fused`: fp32 even under autocast, no ``(B, T, vocab)`` logits kept for the
-backward pass); the fp32 copy of the LM head (vocab x hidden) is held by every reward model
-and critic built with this head and saved with it (``reward_head.safetensors``). For models whose logits are not
+backward pass). The fp32 copy of the LM head (vocab x hidden) is saved with each reward model
+(``reward_head.safetensors``); in memory, heads bound to equal copies on one device share one
+(an ensemble's members, and a critic built from the reward model), so K members cost one copy,
+not K: 2 GB each for a 128k x 4096 head. For models whose logits are not
 ``h @ lm_head.T`` (soft-capped or scaled logits, as Gemma 2's) the term is close to their
 log-probability, not equal.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +67,10 @@ class LogProbConfig:
     over the response, which knows only what the hidden states carry)."""
 
 
+# frozen LM-head copies held by bound heads, by shape, device and a checksum: equal ones are shared
+_BOUND: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
 class LogProbHead(torch.nn.Module):
     reads_tokens = True  # token_scores(hidden, input_ids); pooled over the response's tokens
 
@@ -76,8 +83,36 @@ class LogProbHead(torch.nn.Module):
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
     def bind(self, unembedding: torch.Tensor) -> None:
-        """Take a frozen fp32 copy of the language-model head's weight, (vocab, hidden)."""
-        self.unembedding = unembedding.detach().to(torch.float32).clone()
+        """Take a frozen fp32 copy of the language-model head's weight, (vocab, hidden): the
+        copy another head holds already when it is equal (the buffer is never written), else
+        a new one."""
+        self._adopt(unembedding.detach().to(torch.float32), copy=True)
+
+    def _adopt(self, weight: torch.Tensor, copy: bool) -> None:
+        key = (tuple(weight.shape), str(weight.device), weight.dtype,
+               float(weight[:: max(1, len(weight) // 64)].double().sum()))
+        held = _BOUND.get(key)
+        if held is not None and (held is weight or torch.equal(held, weight)):
+            self.unembedding = held
+            return
+        self.unembedding = weight.clone() if copy else weight
+        _BOUND[key] = self.unembedding
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        """``.to(device)`` and the like give each module its own copy of a buffer: share the
+        moved copy again with the heads already moved."""
+        super()._apply(fn, *args, **kwargs)
+        if self.unembedding.numel():
+            self._adopt(self.unembedding, copy=False)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        saved = state_dict.get(prefix + "unembedding")
+        if saved is not None and saved.numel():  # adopt it (sharing an equal copy), so loading writes no shared buffer
+            here = saved.detach().to(self.unembedding.device, self.unembedding.dtype)  # where the module is, as copy_ would
+            self._adopt(here, copy=here.data_ptr() == saved.data_ptr())
+            state_dict = {**state_dict, prefix + "unembedding": self.unembedding}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, T): log p(token t | tokens < t); 0 at the first position."""

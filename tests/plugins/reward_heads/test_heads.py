@@ -3,6 +3,7 @@ import torch
 
 from rlhfkit.cli import setup
 from rlhfkit.plugins.reward_heads.last_token import LastTokenConfig, LastTokenHead, last_index
+from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
 from rlhfkit.plugins.reward_heads.mean_pool import MeanPoolConfig, MeanPoolHead
 from rlhfkit.plugins.reward_heads.mlp import MLPConfig, MLPHead
 
@@ -47,8 +48,6 @@ def test_heads_build_through_the_registry(name, cls):
 
 
 def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
-    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
-
     torch.manual_seed(0)
     head = LogProbHead(4, LogProbConfig(logprob_weight=2.0))
     unembedding = torch.randn(7, 4)
@@ -69,7 +68,6 @@ def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
 
 def test_logprob_head_needs_its_lm_head():
     from rlhfkit.errors import ConfigError
-    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
 
     unbound = LogProbHead(4, LogProbConfig())
     with pytest.raises(ConfigError, match="select reward_head=last_token"):  # a loader that does not bind it
@@ -82,8 +80,6 @@ def test_logprob_head_needs_its_lm_head():
 
 def test_logprob_head_builds_through_the_registry():
     from omegaconf import OmegaConf
-
-    from rlhfkit.plugins.reward_heads.logprob import LogProbHead
 
     registry = setup()[1]
     entry = registry.get("reward_head", "logprob")
@@ -115,3 +111,23 @@ def test_score_passes_the_response_mask_only_to_models_that_take_it_through_wrap
     assert score(Engine(Old()), ids, mask, response).item() == 5.0
     compiled = torch.compile(Takes(), backend="eager")  # an OptimizedModule: the model is its ._orig_mod
     assert score(Engine(compiled), ids, mask, response).item() == 3.0
+
+
+def test_heads_bound_to_equal_lm_heads_share_one_frozen_copy():
+    """An ensemble's K members and the critic hold one fp32 LM-head copy, not K + 1: equal
+    copies are shared when bound, when loaded from a state dict and after a move."""
+    weight = torch.randn(300, 8)
+    a, b, c, other = (LogProbHead(8, LogProbConfig()) for _ in range(4))
+    a.bind(weight)
+    b.bind(weight.clone())
+    assert a.unembedding.data_ptr() == b.unembedding.data_ptr() != weight.data_ptr()  # a copy, shared
+    before = weight.clone()
+    weight.add_(1.0)  # the live LM head trains on: the frozen copy does not move
+    assert torch.equal(a.unembedding, before)
+    c.load_state_dict(a.state_dict())
+    assert c.unembedding.data_ptr() == a.unembedding.data_ptr() and torch.equal(c.unembedding, before)
+    other.bind(before + 0.5)
+    assert other.unembedding.data_ptr() != a.unembedding.data_ptr()  # another model's head: its own copy
+    a.double(), c.double()  # a move (another device, another dtype) shares again
+    assert a.unembedding.dtype == torch.float64 and a.unembedding.data_ptr() == c.unembedding.data_ptr()
+    assert b.unembedding.dtype == torch.float32  # the one not moved keeps its copy
