@@ -67,7 +67,8 @@ class LogProbConfig:
     over the response, which knows only what the hidden states carry)."""
 
 
-# frozen LM-head copies held by bound heads, by shape, device and a checksum: equal ones are shared
+# frozen LM-head copies held by bound heads, by shape, device, dtype and a checksum: equal
+# ones are shared
 _BOUND: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
@@ -84,15 +85,19 @@ class LogProbHead(torch.nn.Module):
 
     def bind(self, unembedding: torch.Tensor) -> None:
         """Take a frozen fp32 copy of the language-model head's weight, (vocab, hidden): the
-        copy another head holds already when it is equal (the buffer is never written), else
-        a new one."""
+        copy another head holds already when it is equal, else a new one. rlhfkit never
+        writes the copy in place (loading and moving replace it), so sharing is safe."""
         self._adopt(unembedding.detach().to(torch.float32), copy=True)
 
     def _adopt(self, weight: torch.Tensor, copy: bool) -> None:
+        if weight.is_meta:  # no values to compare (a meta or fake tensor): nothing to share
+            self.unembedding = weight
+            return
         key = (tuple(weight.shape), str(weight.device), weight.dtype,
                float(weight[:: max(1, len(weight) // 64)].double().sum()))
         held = _BOUND.get(key)
-        if held is not None and (held is weight or torch.equal(held, weight)):
+        if held is not None and (held is weight or (held.dtype == weight.dtype and held.device == weight.device
+                                                    and held.shape == weight.shape and torch.equal(held, weight))):
             self.unembedding = held
             return
         self.unembedding = weight.clone() if copy else weight
@@ -106,13 +111,24 @@ class LogProbHead(torch.nn.Module):
             self._adopt(self.unembedding, copy=False)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        saved = state_dict.get(prefix + "unembedding")
-        if saved is not None and saved.numel():  # adopt it (sharing an equal copy), so loading writes no shared buffer
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs):  # noqa: ANN001
+        """The saved LM-head copy is adopted (sharing an equal one), never copied into the
+        buffer in place: loading writes no buffer another head shares."""
+        key = prefix + "unembedding"
+        saved = state_dict.get(key)
+        if saved is not None and saved.dim() == 2 and saved.numel() and saved.shape[1] == self.unembedding.shape[1]:
             here = saved.detach().to(self.unembedding.device, self.unembedding.dtype)  # where the module is, as copy_ would
             self._adopt(here, copy=here.data_ptr() == saved.data_ptr())
-            state_dict = {**state_dict, prefix + "unembedding": self.unembedding}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            if key in missing_keys:
+                missing_keys.remove(key)
+            return
+        # absent or of another width: torch reports it as it does for any buffer
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, T): log p(token t | tokens < t); 0 at the first position."""

@@ -60,6 +60,11 @@ class SeqClsRewardModel(torch.nn.Module):
         self.gain = 1.0
         self.tokenizer, self.lora, self.base = tokenizer, lora, base
 
+    @property
+    def head(self) -> torch.nn.Module:
+        """The classifier's score head (what an ensemble member's ``rm.member_init_std`` perturbs)."""
+        return self._parts()[1]
+
     def _parts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         inner = self.model.get_base_model() if is_peft(self.model) else self.model
         head = getattr(inner, "score", None)

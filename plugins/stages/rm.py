@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit import hookimpl
-from rlhfkit.checkpoint import MANIFEST, verify
+from rlhfkit.checkpoint import MANIFEST, atomic_write_text, verify
 from rlhfkit.context import StageContext
 from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import Comparison, RewardModel, RewardModelLoader, StepResult, optional
@@ -88,11 +88,12 @@ class RMConfig:
 
 
 ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "members"
+MEMBERS_SETTINGS_FILE = "members.json"  # under checkpoints/rm/ while the members train
 
 
 def member_seed(seed: int, k: int) -> int:
-    """Member ``k``'s seed (its batch order, bootstrap sample and any random initialisation);
-    member 0 keeps the single reward model's (``seed + 1``)."""
+    """Member ``k``'s seed (its batch order, bootstrap sample, head noise and any random
+    initialisation); member 0 keeps the single reward model's (``seed + 1``)."""
     return seed + 1 + 7919 * k
 
 
@@ -231,8 +232,12 @@ class RM:
         if hasattr(rm, "set_scale"):  # a reward model trained before may carry a gain: train and normalise unscaled
             rm.set_scale(1.0)
         head = getattr(rm, "head", None)
-        if k and cfg.member_init_std > 0 and isinstance(head, torch.nn.Module):
-            perturb_head(head, cfg.member_init_std, seed)
+        if k and cfg.member_init_std > 0:
+            if isinstance(head, torch.nn.Module):
+                perturb_head(head, cfg.member_init_std, seed)
+            elif k == 1:
+                ctx.out.warn(f"rm.member_init_std={cfg.member_init_std} does nothing here: {type(rm).__name__} has no "
+                             "'head' module to perturb, so members differ by seed and rm.bootstrap only.")
         if cfg.ensemble_size > 1 and not cfg.bootstrap:
             self.check_members_differ(ctx, rm, k)
         self.tok = optional(rm, RewardModel, "tokenizer") or self.sft_tok  # the RM reads text with its own tokenizer
@@ -290,11 +295,37 @@ class RM:
                          "comparisons: they differ only in batch order and will score much alike. Make them "
                          "differ with rm.bootstrap=true or rm.member_init_std>0 (the defaults).")
 
+    def member_settings(self) -> dict[str, Any]:
+        """What makes members 1..K-1 differ, recorded with each member and the ensemble."""
+        return {"bootstrap": self.cfg.bootstrap, "member_init_std": self.cfg.member_init_std}
+
+    def check_member_settings(self, ctx: StageContext, root: str) -> None:
+        """Members already trained or under way (a resumed run) were trained with the settings
+        recorded in ``root``: a resume with others would mix two ensembles. Records them on
+        the first run."""
+        path, now = os.path.join(root, MEMBERS_SETTINGS_FILE), self.member_settings()
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                saved = {name: record[name] for name in now}
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{path} is unreadable: delete {root} to train the ensemble again.") from None
+            if saved != now:
+                raise CheckpointError(f"The ensemble's members in {root} were trained with "
+                                      + " ".join(f"rm.{n}={str(v).lower()}" for n, v in saved.items())
+                                      + ": resume with those settings, or delete that directory to train them again.")
+            return
+        if ctx.out.main:
+            os.makedirs(root, exist_ok=True)
+            atomic_write_text(path, json.dumps(now))
+
     def ensemble(self, ctx: StageContext, base: str, train: list[Comparison], test: list[Comparison]) -> None:
         """Train the members one at a time, each written when done (a resumed run takes the
         finished ones as they are), then assemble the product and report each member's
         held-out accuracy and the ensemble's (of the members' mean score)."""
         K, root = self.cfg.ensemble_size, os.path.join(ctx.run_dir, "checkpoints", ctx.name)
+        self.check_member_settings(ctx, root)
         records, trained = [], []
         for k in range(K):
             done = os.path.join(root, f"member-{k}", "trained")
@@ -305,7 +336,7 @@ class RM:
             else:
                 rm, metrics, steps, heldout = self.train_member(ctx, base, train, test, k)
                 record = {"steps": steps, "accuracy": metrics["rm/accuracy"], "bias": metrics.get("rm/bias", 0.0),
-                          "heldout_scores": heldout.tolist()}
+                          "heldout_scores": heldout.tolist(), **self.member_settings()}
                 ctx.write(Member(rm, record), done)
                 del rm
             ctx.out.log(f"{ctx.name}/member-{k}", record["steps"],
@@ -325,11 +356,13 @@ class RM:
             metrics[f"rm/member/{k}/accuracy"] = r["accuracy"]
             metrics[f"rm/member/{k}/bias"] = r["bias"]
         ctx.out.log(ctx.name, records[0]["steps"], metrics)
-        info = {"bootstrap": self.cfg.bootstrap, "accuracy": accuracy, "heldout_disagreement": spread,
+        info = {**self.member_settings(), "accuracy": accuracy, "heldout_disagreement": spread,
                 "heldout_score_std": scale,
                 "member_accuracy": [r["accuracy"] for r in records], "member_bias": [r["bias"] for r in records]}
         ctx.save(EnsembleProduct(trained, info))
         if ctx.out.main:  # the product holds them now (hard links: no copy was made)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, MEMBERS_SETTINGS_FILE))
             for done in trained:
                 shutil.rmtree(done, ignore_errors=True)
                 with contextlib.suppress(OSError):  # and the member's directory, unless it holds checkpoints

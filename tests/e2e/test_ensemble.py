@@ -69,7 +69,7 @@ def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble
     assert all(ens[f] == single[f] for f in single)  # bit for bit: reward=model on the ensemble is the single-RM run
     assert ens["members/1/reward_head.safetensors"] != single["reward_head.safetensors"]
     info = json.load(open(ensemble / "rm" / "ensemble.json"))
-    assert info["members"] == [".", "members/1"] and info["bootstrap"] is True
+    assert info["members"] == [".", "members/1"] and info["bootstrap"] is True and info["member_init_std"] == 0.03
     logged = [r for r in rows(ensemble) if r["stage"] == "rm" and "rm/ensemble_size" in r][0]
     assert logged["rm/ensemble_size"] == 2 and logged["rm/accuracy"] == info["accuracy"]
     assert [logged[f"rm/member/{k}/accuracy"] for k in range(2)] == info["member_accuracy"]
@@ -114,7 +114,7 @@ def test_a_gain_saved_with_the_starting_classifier_changes_nothing(sft, tmp_path
     assert results[0] == results[1]
 
 
-ARGS = RM + ["rm.ensemble_size=2", "rm.bootstrap=false", "rm.member_init_std=0", "reward=ensemble"]
+ARGS = RM + ["rm.ensemble_size=2", "reward=ensemble"]
 
 
 def _result(run_dir):
@@ -123,28 +123,38 @@ def _result(run_dir):
     return table, weights(os.path.join(run_dir, "rm"))
 
 
-def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_and_diversity_changes_only_members_1_on(
-        sft, ensemble, tmp_path):
+def test_members_differ_by_their_start_alone_and_batch_order_alone_is_warned(sft, ensemble, tmp_path):
+    """rm.member_init_std perturbs members 1.. (never member 0); with no bootstrap and no
+    start noise the members differ only in batch order, and the stage says so."""
+    heads = {}
+    for name, extra in (("alike", ["rm.member_init_std=0"]), ("start", [])):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            run(tmp_path / name, ARGS + [f"from_run={sft}", "rm.bootstrap=false"] + extra)
+        assert (SAME_START in err.getvalue()) == (name == "alike")
+        heads[name] = weights(tmp_path / name / "rm")
+    diverse = weights(ensemble / "rm")
+    for f in ("reward_head.safetensors", "model.safetensors"):  # member 0: the single RM whatever the settings
+        assert heads["alike"][f] == heads["start"][f] == diverse[f]
+    assert heads["alike"]["members/1/reward_head.safetensors"] != heads["start"]["members/1/reward_head.safetensors"]
+
+
+def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_only_with_its_member_settings(sft, ensemble, tmp_path):
     args = ARGS + [f"from_run={sft}"]
-    ref_dir = tmp_path / "ref"
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        run(ref_dir, args)
-    assert SAME_START in err.getvalue()  # members that differ only in batch order: warned
-    reference = _result(ref_dir)
-    alike, diverse = reference[1], weights(ensemble / "rm")
-    assert json.load(open(ref_dir / "rm" / "ensemble.json"))["bootstrap"] is False
-    assert alike["reward_head.safetensors"] == diverse["reward_head.safetensors"]  # member 0: the single RM either way
-    assert alike["members/1/reward_head.safetensors"] != diverse["members/1/reward_head.safetensors"]
+    reference = _result(ensemble)  # the fixture ran these settings uninterrupted
 
     run_dir = tmp_path / "run"
     rc, _, _ = _start_and_signal(FAST + args + [f"hydra.run.dir={run_dir}"], str(tmp_path),
                                  str(run_dir / "checkpoints" / "rm" / "member-1" / "step-00000002"), signal.SIGKILL)
     assert rc == -signal.SIGKILL and not (run_dir / "rm").exists()
     assert (run_dir / "checkpoints" / "rm" / "member-0" / "trained" / "manifest.json").exists()
-    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))
+    other = run_cli([f"resume={run_dir}", "rm.member_init_std=0.1"], cwd=str(tmp_path))  # would mix two ensembles
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "trained with rm.bootstrap=true rm.member_init_std=0.03: resume with those settings" in other.stderr
+    r = run_cli([f"resume={run_dir}", "rm.member_init_std=0.03"], cwd=str(tmp_path))  # as the error says
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[rm] member 0 already trained in" in r.stdout and "[rm/member-1] resuming at step" in r.stdout
     assert _result(run_dir) == reference  # every metric and every member's weights, exactly
+    assert not (run_dir / "checkpoints" / "rm" / "members.json").exists()  # done: the record goes with the members
 
 
 @pytest.mark.parametrize("algorithm,objective", [("ppo", "uwo"), ("a2c", "wco"), ("rloo", "mean"), ("grpo", "uwo")])
