@@ -98,7 +98,7 @@ def prompts(shape: Shape, n: int) -> list[str]:
 # --- rlhfkit ------------------------------------------------------------------------------
 
 
-def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int) -> dict:
+def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int, reward_head: str = "last_token") -> dict:
     import torch
 
     from rlhfkit.interfaces import RLContext, RolloutConfig
@@ -107,7 +107,9 @@ def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int
     from rlhfkit.plugins.backends.single import SingleConfig, SingleDevice
     from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader
     from rlhfkit.plugins.reward_heads.last_token import LastTokenConfig, LastTokenHead
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
     from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
+    from rlhfkit.rlhf.retokenize import score as score_reward
 
     torch.manual_seed(0)
     backend = SingleDevice(SingleConfig(device=shape.device, precision="bf16" if shape.bf16 else "fp32"))
@@ -117,16 +119,27 @@ def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int
     rm_loader = HFRewardLoader(HFRewardConfig())
 
     def head(hidden):
-        return LastTokenHead(hidden, LastTokenConfig())
+        if reward_head == "logprob":  # rlhfkit's default: the critic also reads the SFT log-probabilities
+            return LogProbHead(hidden, LogProbConfig())
+        return LastTokenHead(hidden, LastTokenConfig())  # what TRL's value and reward models are
 
     reward_model = backend.prepare_frozen(rm_loader.build(model_dir, head))
+
+    class Reward:  # reward=model's source, around the model built here
+        needs, critic_init = (), None
+
+        def setup(self, ctx, tokenizer):
+            pass
+
+        def __call__(self, rollout):
+            return score_reward(reward_model, rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask)
 
     def make_critic():
         return rm_loader.build(model_dir, head)
 
     rollout = RolloutConfig(max_new_tokens=shape.new_tokens, temperature=1.0)
-    ctx = RLContext(policy=policy, reference=reference, reward_model=reward_model, backend=backend,
-                    rollout=rollout, total_steps=steps + warmup, make_critic=make_critic)
+    ctx = RLContext(policy=policy, reference=reference, reward=Reward(), backend=backend, rollout=rollout,
+                    make_critic=make_critic, demonstrations=lambda: [])
     if algo == "ppo":
         algorithm = PPO(PPOConfig(ppo_epochs=shape.ppo_epochs, num_minibatches=shape.num_minibatches, lr=1e-6, critic_lr=1e-6))
         batch = prompts(shape, shape.prompts)
@@ -138,7 +151,7 @@ def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int
     for i in range(warmup + steps):
         sync(shape.device)
         t0 = time.perf_counter()
-        m = algorithm.step(batch)
+        m = algorithm.step(batch).metrics
         sync(shape.device)
         total = time.perf_counter() - t0
         if i >= warmup:
@@ -323,9 +336,9 @@ def summarise(rows: list[dict]) -> dict:
 PAIRS = (("rlhfkit-ppo", "trl-ppo"), ("rlhfkit-rloo", "trl-rloo"))  # (ours, theirs): the speed-up is ours / theirs
 
 WORKERS = {
-    "rlhfkit-ppo": lambda *a: run_rlhfkit("ppo", *a),
+    "rlhfkit-ppo": lambda *a, **kw: run_rlhfkit("ppo", *a, **kw),
     "trl-ppo": run_trl_ppo,
-    "rlhfkit-rloo": lambda *a: run_rlhfkit("rloo", *a),
+    "rlhfkit-rloo": lambda *a, **kw: run_rlhfkit("rloo", *a, **kw),
     "trl-rloo": run_trl_rloo,
 }
 
@@ -338,7 +351,8 @@ def worker_main(args) -> None:
     shape = SHAPES[args.shape]
     versions = running_versions()
     try:
-        result = WORKERS[args.worker](shape, args.model_dir, args.steps, args.warmup)
+        extra = {"reward_head": args.reward_head} if args.worker.startswith("rlhfkit") else {}
+        result = WORKERS[args.worker](shape, args.model_dir, args.steps, args.warmup, **extra)
         result |= versions
     except Skip as exc:
         result = {"skipped": str(exc)}
@@ -416,6 +430,8 @@ def main() -> None:
     ap.add_argument("--trl-ppo-python", default=sys.executable, help=f"interpreter with {TRL_PPO_REQ}")
     ap.add_argument("--trl-python", default=sys.executable, help=f"interpreter with {TRL_REQ}")
     ap.add_argument("--make-venvs", metavar="DIR", help="create (or reuse) the two TRL venvs under DIR")
+    ap.add_argument("--reward-head", choices=["last_token", "logprob"], default="last_token",
+                    help="rlhfkit's reward and value head: last_token (as TRL's models) or logprob (rlhfkit's default)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -433,7 +449,8 @@ def main() -> None:
         make_model_dir(shape, model_dir)
         for name in args.only or ["rlhfkit-ppo", "trl-ppo", "rlhfkit-rloo", "trl-rloo"]:
             cmd = [pythons[name], __file__, "--worker", name, "--model-dir", model_dir, "--shape", args.shape,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                   "--reward-head", args.reward_head]
             env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -81,3 +81,15 @@ def test_no_speed_up_is_printed_for_runs_on_different_versions(bench):
     assert f"rlhfkit-ppo ran torch {torch.__version__}" in why and "trl-ppo ran torch 2.15.0" in why and why in text
     # a different transformers is refused as well
     assert "rlhfkit-rloo" in bench.version_mismatches({**matched, "trl-rloo": _timed(100.0, transformers="9.9.9")})
+
+
+@pytest.mark.parametrize("algo,reward_head", [("ppo", "last_token"), ("ppo", "logprob"), ("rloo", "last_token")])
+def test_the_rlhfkit_worker_times_a_step_against_the_current_interfaces(bench, tmp_path, algo, reward_head):
+    """The rlhfkit side runs (it builds its RL context as the rl stage does): a timed step of a
+    tiny model reports its phases and the tokens it generated."""
+    shape = bench.Shape(n_layer=1, hidden=16, n_head=2, vocab=40, prompts=4, prompt_len=4, new_tokens=3, bf16=False,
+                        device="cpu", ppo_epochs=1, rloo_k=2)
+    bench.make_model_dir(shape, str(tmp_path / "model"))
+    result = bench.run_rlhfkit(algo, shape, str(tmp_path / "model"), 2, 1, reward_head=reward_head)
+    assert result["steps"] == 2 and result["tokens"] > 0 and result["step_s"] > 0
+    assert result["generate_s"] + result["score_s"] <= result["step_s"]
