@@ -117,18 +117,15 @@ class LogProbHead(torch.nn.Module):
         buffer in place: loading writes no buffer another head shares."""
         key = prefix + "unembedding"
         saved = state_dict.get(key)
-        if saved is not None and saved.dim() == 2 and saved.numel() and saved.shape[1] == self.unembedding.shape[1]:
+        adopt = saved is not None and saved.dim() == 2 and saved.numel() and saved.shape[1] == self.unembedding.shape[1]
+        if adopt:  # absent or of another width: torch reports it as it does for any buffer
             here = saved.detach().to(self.unembedding.device, self.unembedding.dtype)  # where the module is, as copy_ would
             self._adopt(here, copy=here.data_ptr() == saved.data_ptr())
             state_dict = {k: v for k, v in state_dict.items() if k != key}
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                          error_msgs)
-            if key in missing_keys:
-                missing_keys.remove(key)
-            return
-        # absent or of another width: torch reports it as it does for any buffer
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if adopt and key in missing_keys:
+            missing_keys.remove(key)
 
     def token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, T): log p(token t | tokens < t); 0 at the first position."""

@@ -296,7 +296,7 @@ class RM:
                          "differ with rm.bootstrap=true or rm.member_init_std>0 (the defaults).")
 
     def member_settings(self) -> dict[str, Any]:
-        """What makes members 1..K-1 differ, recorded with each member and the ensemble."""
+        """What makes members 1..K-1 differ, recorded while they train and with the ensemble."""
         return {"bootstrap": self.cfg.bootstrap, "member_init_std": self.cfg.member_init_std}
 
     def check_member_settings(self, ctx: StageContext, root: str) -> None:
@@ -336,7 +336,7 @@ class RM:
             else:
                 rm, metrics, steps, heldout = self.train_member(ctx, base, train, test, k)
                 record = {"steps": steps, "accuracy": metrics["rm/accuracy"], "bias": metrics.get("rm/bias", 0.0),
-                          "heldout_scores": heldout.tolist(), **self.member_settings()}
+                          "heldout_scores": heldout.tolist()}
                 ctx.write(Member(rm, record), done)
                 del rm
             ctx.out.log(f"{ctx.name}/member-{k}", record["steps"],
