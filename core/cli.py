@@ -9,7 +9,9 @@ against the registry, so a bad name fails before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 from importlib import resources
 from typing import Sequence
@@ -175,7 +177,6 @@ def resume_argv(argv: list[str], outputs: str = "outputs") -> list[str]:
     The run's own overrides (Hydra keeps them in ``<run dir>/.hydra/overrides.yaml``) come
     first, those given now replace them key by key, and the run directory is the old one."""
     import glob
-    import os
 
     values = [a.split("=", 1)[1] for a in argv if _key(a) == "resume" and "=" in a]
     if not values or values[-1].lower() in ("false", ""):
@@ -255,10 +256,9 @@ def _task(cfg) -> float | None:
     except DivergenceError as exc:
         _fail(exc, 3)
     except RlhfkitError as exc:
+        _RESUMED.restore(run_dir)  # a resume refused (other settings, a corrupt checkpoint): the run's own stay
         _fail(exc, 1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the stages started
-        import os
-
         resume = (f" Continue from its last checkpoint with: rlhfkit resume={run_dir}"
                   if os.path.isfile(os.path.join(run_dir, "config.yaml")) else "")
         _fail(f"interrupted (Ctrl-C): stopped at once, without writing a checkpoint.{resume}", 130)
@@ -270,12 +270,52 @@ def _task(cfg) -> float | None:
         return None
 
 
+class _Settings:
+    """The settings files of a run being resumed, as they were before this attempt. Hydra
+    rewrites the overrides as the attempt starts, so a resume refused before it saved
+    anything (other member settings, a corrupt checkpoint, a bad data line) would replay
+    its rejected overrides on the next plain ``resume=``; :meth:`restore` puts the recorded
+    ones back unless a checkpoint or product was saved since (the new settings made it)."""
+
+    FILES = (os.path.join(".hydra", "overrides.yaml"), os.path.join(".hydra", "config.yaml"), "config.yaml")
+
+    def __init__(self) -> None:
+        self.saved: dict[str, bytes] = {}
+        self.since = 0.0
+
+    def record(self, run_dir: str) -> None:
+        import time
+
+        self.since = time.time()
+        for rel in self.FILES:
+            with contextlib.suppress(OSError), open(os.path.join(run_dir, rel), "rb") as f:
+                self.saved[os.path.join(os.path.abspath(run_dir), rel)] = f.read()
+
+    def restore(self, run_dir: str) -> None:
+        root = os.path.abspath(run_dir)
+        mine = {p: b for p, b in self.saved.items() if os.path.dirname(p) in (root, os.path.join(root, ".hydra"))}
+        if not mine or os.environ.get("RANK", "0") != "0" or self._saved_since(root):
+            return
+        from rlhfkit.checkpoint import atomic_write_bytes
+
+        for path, data in mine.items():
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(path, data)
+
+    def _saved_since(self, root: str) -> bool:
+        """A manifest (a checkpoint's or a product's) written during this attempt."""
+        for d, _, files in os.walk(root):
+            if "manifest.json" in files and os.path.getmtime(os.path.join(d, "manifest.json")) >= self.since:
+                return True
+        return False
+
+
+_RESUMED = _Settings()
+
+
 def _run_lock(run_dir: str):
     """The run directory's lock, taken by rank 0 only under torchrun (one lock per run: no
     rank waits on another)."""
-    import contextlib
-    import os
-
     from rlhfkit.checkpoint import run_lock
 
     return run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
@@ -285,8 +325,6 @@ def check_output_dir(argv: Sequence[str]) -> str | None:
     """Fail before Hydra does (with a traceback) on a ``hydra.run.dir`` (``hydra.sweep.dir``
     with -m) given on the command line that is a file, lies under one, or is not writable.
     Returns the run directory when it is a plain path (no ``${...}``), else None."""
-    import os
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [a.split("=", 1)[1] for a in argv if _key(a) == key]
@@ -322,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    import contextlib
-
     argv = list(sys.argv[1:] if argv is None else argv)
     lock = contextlib.ExitStack()
     try:
@@ -340,6 +376,8 @@ def _main(argv: Sequence[str] | None) -> None:
         check_overrides(argv, registry)
         check_config(argv, registry)
         run_dir = check_output_dir(argv)
+        if run_dir and argv[-1:] == ["resume=true"]:  # resume_argv's command line: Hydra is about to overwrite
+            _RESUMED.record(run_dir)
         if run_dir:  # locked before Hydra writes .hydra/ into it (a running run's overrides)
             lock.enter_context(_run_lock(run_dir))
     except RlhfkitError as exc:

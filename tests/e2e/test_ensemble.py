@@ -147,10 +147,12 @@ def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_only_with_its_memb
                                  str(run_dir / "checkpoints" / "rm" / "member-1" / "step-00000002"), signal.SIGKILL)
     assert rc == -signal.SIGKILL and not (run_dir / "rm").exists()
     assert (run_dir / "checkpoints" / "rm" / "member-0" / "trained" / "manifest.json").exists()
+    recorded = {f: (run_dir / f).read_bytes() for f in (".hydra/overrides.yaml", ".hydra/config.yaml", "config.yaml")}
     other = run_cli([f"resume={run_dir}", "rm.member_init_std=0.1"], cwd=str(tmp_path))  # would mix two ensembles
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert "trained with rm.bootstrap=true rm.member_init_std=0.03: resume with those settings" in other.stderr
-    r = run_cli([f"resume={run_dir}", "rm.member_init_std=0.03"], cwd=str(tmp_path))  # as the error says
+    assert {f: (run_dir / f).read_bytes() for f in recorded} == recorded  # the refused overrides are not kept
+    r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))  # so a plain resume replays the run's own
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[rm] member 0 already trained in" in r.stdout and "[rm/member-1] resuming at step" in r.stdout
     assert _result(run_dir) == reference  # every metric and every member's weights, exactly
