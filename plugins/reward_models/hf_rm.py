@@ -21,8 +21,8 @@ from rlhfkit import hookimpl
 from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import HeadBuilder
 from rlhfkit.plugins.hf_common import (
-    DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_peft, load_model, load_tokenizer, quantization_config,
-    save_with_tokenizer,
+    DTYPES, LoraSettings, apply_lora, check_settings, has_tokenizer, is_adapter_dir, is_peft, load_model, load_tokenizer,
+    quantization_config, save_with_tokenizer,
 )
 from rlhfkit.plugins.policies.hf import quiet_transformers
 from rlhfkit.rlhf.dropout import disable_dropout
@@ -69,11 +69,51 @@ def lm_head_weight(backbone: torch.nn.Module, path: str, dtype: str, trust_remot
     whose backbone is ``backbone``: its input embeddings when tied, else read from ``path``."""
     if getattr(backbone.config, "tie_word_embeddings", False):
         return backbone.get_input_embeddings().weight
+    weight = read_lm_head(path, dtype, trust_remote_code)
+    if weight is not None:
+        return weight
     head = load_model(path, "AutoModelForCausalLM", dtype, trust_remote_code).get_output_embeddings()
     if head is None:
         raise ConfigError(f"{path!r} has no language-model head; reward_head=logprob needs a causal LM checkpoint "
                           "(the SFT one). Select another reward_head.")
     return head.weight
+
+
+def read_lm_head(path: str, dtype: str, trust_remote_code: bool) -> torch.Tensor | None:
+    """The LM head's weight read alone from the safetensors file that holds it (one shard of
+    a sharded checkpoint), not the whole causal LM: the head is vocab x hidden, the model
+    is all of it. Its name comes from the architecture built on the meta device. None where
+    that does not apply (an adapter directory, weights not in safetensors, a name the
+    checkpoint does not use, no LM head): the caller then loads the model."""
+    import transformers
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    if os.path.isdir(path) and is_adapter_dir(path):
+        return None  # the head is the base's with the adapter merged in
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            lm = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        head = lm.get_output_embeddings()
+        name = next((n for n, p in lm.named_parameters() if head is not None and p is head.weight), None)
+        if name is None:
+            return None
+        index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index) as f:
+                shard = json.load(f)["weight_map"].get(name)
+            file = shard and cached_file(path, shard, _raise_exceptions_for_missing_entries=False)
+        else:
+            file = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if not file:
+            return None
+        with safe_open(file, "pt") as f:
+            if name not in f.keys():
+                return None
+            return f.get_tensor(name).to(DTYPES[dtype])
+    except Exception:  # a layout or an architecture this does not know: the whole model's loader decides
+        return None
 
 
 class BackboneRewardModel(torch.nn.Module):

@@ -133,3 +133,42 @@ def test_scale_multiplies_rewards_and_values_and_is_saved(policy_dir, tiny_polic
     del meta["gain"]  # a reward model saved before rm.scale: unscaled
     json.dump(meta, open(os.path.join(path, "reward_model.json"), "w"))
     assert loader.load(path, head_builder).gain == 1.0
+
+
+@pytest.mark.parametrize("layout", ["one file", "sharded", "hub cache"])
+def test_an_untied_lm_head_is_read_alone_not_with_the_whole_model(layout, synthetic, tmp_path, monkeypatch):
+    """reward_head=logprob on an untied LM head (Llama) reads that one tensor from the
+    safetensors shard that holds it, equal to the loaded model's head; the causal LM itself
+    is never loaded, in one file, sharded, or from a local hub cache."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.plugins.policies.hf import HFPolicyConfig, HFPolicyLoader
+    from rlhfkit.plugins.reward_models import hf_rm
+
+    from ...helpers import save_to_hf_cache
+
+    torch.manual_seed(0)
+    policy = HFPolicyLoader(HFPolicyConfig(model="tiny-llama")).build(synthetic)
+    path = str(tmp_path / "sft")
+    policy.model.save_pretrained(path, max_shard_size="20KB" if layout == "sharded" else "5GB")
+    policy.tokenizer.save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json")) == (layout == "sharded")
+    expected = AutoModelForCausalLM.from_pretrained(path).get_output_embeddings().weight.detach()
+    backbone = AutoModelForCausalLM.from_pretrained(path).model
+    if layout == "hub cache":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # HF_HOME=<tmp_path>
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        save_to_hf_cache(path, str(tmp_path / "hub"), "org/tiny-llama")
+        path = "org/tiny-llama"
+    assert not backbone.config.tie_word_embeddings
+
+    def whole_model(*args, **kwargs):
+        raise AssertionError("the whole causal LM was loaded for its head")
+
+    monkeypatch.setattr(hf_rm, "load_model", whole_model)
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        weight = hf_rm.lm_head_weight(backbone, path, dtype, trust_remote_code=False)
+        assert weight.dtype == torch_dtype
+        torch.testing.assert_close(weight, expected.to(torch_dtype))
