@@ -16,7 +16,7 @@ import sys
 from importlib import resources
 from typing import Sequence
 
-from rlhfkit.errors import ConfigError, RlhfkitError, UnknownPluginError
+from rlhfkit.errors import CheckpointError, ConfigError, RlhfkitError, UnknownPluginError
 from rlhfkit.plugin_manager import Plugins, load_plugins
 from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP, Registry
 
@@ -255,8 +255,10 @@ def _task(cfg) -> float | None:
         _fail(exc, exc.exit_code)  # 143 on SIGTERM: what schedulers expect of a preempted job; 130 on Ctrl-C
     except DivergenceError as exc:
         _fail(exc, 3)
-    except RlhfkitError as exc:
-        _RESUMED.restore(run_dir)  # a resume refused (other settings, a corrupt checkpoint): the run's own stay
+    except (ConfigError, CheckpointError) as exc:
+        _RESUMED.restore(run_dir)  # a resume refused for its settings or the run's checkpoints: the run's own stay
+        _fail(exc, 1)
+    except RlhfkitError as exc:  # bad data, say: the new settings stand, and a plain resume= replays them
         _fail(exc, 1)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the stages started
         resume = (f" Continue from its last checkpoint with: rlhfkit resume={run_dir}"
@@ -272,10 +274,12 @@ def _task(cfg) -> float | None:
 
 class _Settings:
     """The settings files of a run being resumed, as they were before this attempt. Hydra
-    rewrites the overrides as the attempt starts, so a resume refused before it saved
-    anything (other member settings, a corrupt checkpoint, a bad data line) would replay
-    its rejected overrides on the next plain ``resume=``; :meth:`restore` puts the recorded
-    ones back unless a checkpoint or product was saved since (the new settings made it)."""
+    rewrites the overrides as the attempt starts, so a resume refused for its settings (a
+    ConfigError, or a CheckpointError: other ensemble-member settings than the saved
+    members', a corrupt checkpoint) would replay the refused overrides on the next plain
+    ``resume=``. :meth:`restore` puts the recorded ones back, unless a checkpoint or product
+    was saved since (the new settings made it). An attempt stopped by bad data keeps its
+    settings: the user fixes the data and resumes as they asked."""
 
     FILES = (os.path.join(".hydra", "overrides.yaml"), os.path.join(".hydra", "config.yaml"), "config.yaml")
 
