@@ -285,33 +285,37 @@ class _Settings:
 
     def __init__(self) -> None:
         self.saved: dict[str, bytes] = {}
-        self.since = 0.0
+        self.manifests: dict[str, tuple[int, int]] = {}
 
     def record(self, run_dir: str) -> None:
-        import time
-
-        self.since = time.time()
+        root = os.path.abspath(run_dir)
+        self.manifests = self._manifests(root)
         for rel in self.FILES:
-            with contextlib.suppress(OSError), open(os.path.join(run_dir, rel), "rb") as f:
-                self.saved[os.path.join(os.path.abspath(run_dir), rel)] = f.read()
+            with contextlib.suppress(OSError), open(os.path.join(root, rel), "rb") as f:
+                self.saved[os.path.join(root, rel)] = f.read()
 
     def restore(self, run_dir: str) -> None:
         root = os.path.abspath(run_dir)
         mine = {p: b for p, b in self.saved.items() if os.path.dirname(p) in (root, os.path.join(root, ".hydra"))}
-        if not mine or os.environ.get("RANK", "0") != "0" or self._saved_since(root):
-            return
+        if not mine or os.environ.get("RANK", "0") != "0" or self._manifests(root) != self.manifests:
+            return  # nothing recorded here, not rank 0, or a checkpoint or product was saved since
         from rlhfkit.checkpoint import atomic_write_bytes
 
         for path, data in mine.items():
             with contextlib.suppress(OSError):
                 atomic_write_bytes(path, data)
 
-    def _saved_since(self, root: str) -> bool:
-        """A manifest (a checkpoint's or a product's) written during this attempt."""
+    @staticmethod
+    def _manifests(root: str) -> dict[str, tuple[int, int]]:
+        """Every manifest (a checkpoint's or a product's) under ``root``: its identity and
+        modification time, so any one written, replaced or removed since shows."""
+        found = {}
         for d, _, files in os.walk(root):
-            if "manifest.json" in files and os.path.getmtime(os.path.join(d, "manifest.json")) >= self.since:
-                return True
-        return False
+            if "manifest.json" in files:
+                with contextlib.suppress(OSError):
+                    st = os.stat(os.path.join(d, "manifest.json"))
+                    found[os.path.join(d, "manifest.json")] = (st.st_ino, st.st_mtime_ns)
+        return found
 
 
 _RESUMED = _Settings()

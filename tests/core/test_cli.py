@@ -100,9 +100,6 @@ def test_cli_unwritable_run_dir_is_a_one_line_error(tmp_path):
 def test_a_refused_resume_leaves_the_runs_settings_unless_it_saved_something(tmp_path):
     """A resume's overrides are rewritten by Hydra as it starts; a resume that fails puts
     the run's own back, unless it saved a checkpoint or product with the new ones."""
-    import os
-    import time
-
     from rlhfkit.cli import _Settings
 
     files = {".hydra/overrides.yaml": b"- sft.steps=5\n", ".hydra/config.yaml": b"a: 1\n", "config.yaml": b"a: 1\n"}
@@ -110,18 +107,24 @@ def test_a_refused_resume_leaves_the_runs_settings_unless_it_saved_something(tmp
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         (tmp_path / rel).write_bytes(data)
 
+    from rlhfkit.checkpoint import atomic_write_text
+
+    ckpt = tmp_path / "checkpoints" / "sft" / "step-00000001"
+
     def attempt(saves: bool) -> dict:
+        for rel, data in files.items():
+            (tmp_path / rel).write_bytes(data)
         settings = _Settings()
         settings.record(str(tmp_path))
         for rel in files:  # what Hydra and the run write as the refused attempt starts
             (tmp_path / rel).write_bytes(b"- sft.steps=9\n")
-        if saves:
-            ckpt = tmp_path / "checkpoints" / "sft" / "step-00000001"
-            ckpt.mkdir(parents=True)
-            (ckpt / "manifest.json").write_text("{}")
-            os.utime(ckpt / "manifest.json", (time.time() + 1, time.time() + 1))
+        if saves:  # a new checkpoint, then one replaced in place (atomically, as rlhfkit writes)
+            ckpt.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(str(ckpt / "manifest.json"), "{}")
         settings.restore(str(tmp_path))
         return {rel: (tmp_path / rel).read_bytes() for rel in files}
 
     assert attempt(saves=False) == files
     assert set(attempt(saves=True).values()) == {b"- sft.steps=9\n"}  # made with the new settings: they stay
+    assert set(attempt(saves=True).values()) == {b"- sft.steps=9\n"}  # the manifest replaced, not added
+    assert attempt(saves=False) == files  # an attempt that saved nothing, with checkpoints there from before
