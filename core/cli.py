@@ -284,37 +284,39 @@ class _Settings:
     FILES = (os.path.join(".hydra", "overrides.yaml"), os.path.join(".hydra", "config.yaml"), "config.yaml")
 
     def __init__(self) -> None:
-        self.saved: dict[str, bytes] = {}
+        self.root: str | None = None
+        self.saved: dict[str, bytes] = {}  # FILES, relative to root, that were there
         self.manifests: dict[str, tuple[int, int]] = {}
 
     def record(self, run_dir: str) -> None:
-        root = os.path.abspath(run_dir)
-        self.manifests = self._manifests(root)
+        self.root = os.path.abspath(run_dir)
+        self.manifests = self._manifests(self.root)
         for rel in self.FILES:
-            with contextlib.suppress(OSError), open(os.path.join(root, rel), "rb") as f:
-                self.saved[os.path.join(root, rel)] = f.read()
+            with contextlib.suppress(OSError), open(os.path.join(self.root, rel), "rb") as f:
+                self.saved[rel] = f.read()
 
     def restore(self, run_dir: str) -> None:
-        root = os.path.abspath(run_dir)
-        mine = {p: b for p, b in self.saved.items() if os.path.dirname(p) in (root, os.path.join(root, ".hydra"))}
-        if not mine or os.environ.get("RANK", "0") != "0" or self._manifests(root) != self.manifests:
-            return  # nothing recorded here, not rank 0, or a checkpoint or product was saved since
+        if (self.root != os.path.abspath(run_dir) or os.environ.get("RANK", "0") != "0"
+                or self._manifests(self.root) != self.manifests):
+            return  # not the resumed run, not rank 0, or a checkpoint or product was saved since
         from rlhfkit.checkpoint import atomic_write_bytes
 
-        for path, data in mine.items():
+        for rel, data in self.saved.items():
             with contextlib.suppress(OSError):
-                atomic_write_bytes(path, data)
+                atomic_write_bytes(os.path.join(self.root, rel), data)
 
     @staticmethod
     def _manifests(root: str) -> dict[str, tuple[int, int]]:
         """Every manifest (a checkpoint's or a product's) under ``root``: its identity and
         modification time, so any one written, replaced or removed since shows."""
+        from rlhfkit.checkpoint import MANIFEST
+
         found = {}
         for d, _, files in os.walk(root):
-            if "manifest.json" in files:
+            if MANIFEST in files:
                 with contextlib.suppress(OSError):
-                    st = os.stat(os.path.join(d, "manifest.json"))
-                    found[os.path.join(d, "manifest.json")] = (st.st_ino, st.st_mtime_ns)
+                    st = os.stat(os.path.join(d, MANIFEST))
+                    found[d] = (st.st_ino, st.st_mtime_ns)
         return found
 
 

@@ -96,8 +96,7 @@ class LogProbHead(torch.nn.Module):
         key = (tuple(weight.shape), str(weight.device), weight.dtype,
                float(weight[:: max(1, len(weight) // 64)].double().sum()))
         held = _BOUND.get(key)
-        if held is not None and (held is weight or (held.dtype == weight.dtype and held.device == weight.device
-                                                    and held.shape == weight.shape and torch.equal(held, weight))):
+        if held is not None and (held is weight or torch.equal(held, weight)):  # the key fixed shape, device, dtype
             self.unembedding = held
             return
         self.unembedding = weight.clone() if copy else weight

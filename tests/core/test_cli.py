@@ -100,15 +100,11 @@ def test_cli_unwritable_run_dir_is_a_one_line_error(tmp_path):
 def test_a_refused_resume_leaves_the_runs_settings_unless_it_saved_something(tmp_path):
     """A resume's overrides are rewritten by Hydra as it starts; a resume that fails puts
     the run's own back, unless it saved a checkpoint or product with the new ones."""
+    from rlhfkit.checkpoint import atomic_write_text
     from rlhfkit.cli import _Settings
 
     files = {".hydra/overrides.yaml": b"- sft.steps=5\n", ".hydra/config.yaml": b"a: 1\n", "config.yaml": b"a: 1\n"}
-    for rel, data in files.items():
-        (tmp_path / rel).parent.mkdir(exist_ok=True)
-        (tmp_path / rel).write_bytes(data)
-
-    from rlhfkit.checkpoint import atomic_write_text
-
+    (tmp_path / ".hydra").mkdir()
     ckpt = tmp_path / "checkpoints" / "sft" / "step-00000001"
 
     def attempt(saves: bool) -> dict:
