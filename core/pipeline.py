@@ -20,7 +20,7 @@ from rlhfkit.errors import CheckpointError, ConfigError
 from rlhfkit.interfaces import Dataset, RewardModelLoader, RewardSource, Stage, optional
 from rlhfkit.loop import Loop, Output
 from rlhfkit.plugin_manager import Plugins
-from rlhfkit.registry import MULTI_GROUPS, STAGE_GROUP, Registry
+from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, STAGE_GROUP, Registry
 from rlhfkit.resume import Preemption
 from rlhfkit.rlhf.evaluation import format_table, versus
 from rlhfkit.secrets import redact
@@ -60,6 +60,18 @@ class Components:
             else:
                 self._built[group] = self.registry.build(group, node)
         return self._built[group]
+
+    def named(self, group: str, name: str) -> Any:
+        """The group's plugin ``name``: the run's own choice, with its settings, when the run
+        chose that one; else one built once with ``name``'s defaults (an ensemble member's
+        head of another kind: ``rm.member_heads``)."""
+        node = self.cfg.get(group)
+        if node is not None and node.get(NAME_KEY) == name:
+            return self[group]
+        key = f"{group}/{name}"
+        if key not in self._built:
+            self._built[key] = self.registry.build(group, OmegaConf.create({NAME_KEY: name}))
+        return self._built[key]
 
     def fresh(self, group: str) -> Any:
         """A new instance (a fresh algorithm per stage: its own optimizer)."""

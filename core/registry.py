@@ -73,6 +73,14 @@ def _named(schema: type, name: str) -> type:
     return _NAMED_CACHE[key]
 
 
+def installed() -> Registry:
+    """The registry of the installed plugins, built once per process as the CLI builds it:
+    for a setting that names plugins of another group, to check and build them."""
+    from rlhfkit.cli import setup
+
+    return setup()[1]
+
+
 class Registry:
     def __init__(self, entries: dict[str, dict[str, Entry]]):
         self._entries = entries

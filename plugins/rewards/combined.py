@@ -26,19 +26,12 @@ from rlhfkit import hookimpl
 from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import Dataset, RewardSource, optional
-from rlhfkit.registry import NAME_KEY, Registry
+from rlhfkit.registry import NAME_KEY, Registry, installed
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.settings import Invalid, check_keys, check_values
 
 GROUP = "reward"
 NAME = "combined"
-
-
-def registry() -> Registry:
-    """The run's registry (built once per process from the plugins' hooks)."""
-    from rlhfkit.cli import setup
-
-    return setup()[1]
 
 
 @dataclass
@@ -50,7 +43,7 @@ class CombinedRewardConfig:
     one at a time with a ``+``: ``+reward.options.length.target=5``."""
 
     def validate(self, run: Any = None) -> None:
-        for name, config in term_configs(self, registry()).items():
+        for name, config in term_configs(self, installed()).items():
             check_values(config, f"reward.options.{name}", run)  # ranges, then the term schema's own validate
 
 
@@ -90,7 +83,7 @@ def term_configs(cfg: CombinedRewardConfig, reg: Registry) -> dict[str, Any]:
 
 class CombinedReward:
     def __init__(self, cfg: CombinedRewardConfig):
-        reg = registry()
+        reg = installed()
         self.weights = dict(cfg.terms)
         self.terms: dict[str, RewardSource] = {n: reg.get(GROUP, n).factory(c) for n, c in term_configs(cfg, reg).items()}
         self.needs = tuple(dict.fromkeys(need for t in self.terms.values() for need in t.needs))

@@ -9,10 +9,11 @@ trains with ``rm.ensemble_size=K`` (K >= 2), combined by a conservative objectiv
 - ``uwo`` (uncertainty-weighted optimisation): ``mean_k r_k - lambda * var_k r_k``, the
   intra-ensemble variance (over the members, ``1/K``; Coste et al. eq. 3).
 
-Each member is normalised on its own (its bias, from the ``rm`` stage), then the members
-are combined; with ``reward.center`` the combination is shifted so that the SFT
-demonstrations score mean 0 under it too, as each member does (``wco`` and ``uwo`` score
-below the members' mean). Scoring is batched: each member reads the same batch in one
+Each member is loaded with the head it was trained with (``rm.member_heads``) and
+normalised on its own (its bias and gain, from the ``rm`` stage), then the members are
+combined; with ``reward.center`` the combination is shifted so that the SFT demonstrations
+score mean 0 under it too, as each member does (``wco`` and ``uwo`` score below the
+members' mean). Scoring is batched: each member reads the same batch in one
 forward pass (re-tokenized once, when the members have a vocabulary of their own).
 
 The value model of PPO and A2C (``critic_init``) starts as member 0, as InstructGPT's starts
@@ -41,7 +42,7 @@ from rlhfkit.config import RunInfo
 from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RewardModel, optional
-from rlhfkit.plugins.stages.rm import ensemble_members
+from rlhfkit.plugins.stages.rm import ensemble_members, head_builder, member_heads
 from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary, score
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.rlhf.tokenize import encode_pairs
@@ -131,9 +132,10 @@ class EnsembleReward:
 
     def setup(self, ctx: StageContext, tokenizer: Any) -> None:
         path = ctx.products["rm"]
-        loader, head = ctx.components["reward_model"], ctx.components["reward_head"]
+        loader = ctx.components["reward_model"]
         # from disk, not the RM stage's objects (under ZeRO-3 those are sharded for training)
-        members = [ctx.backend.prepare_frozen(loader.load(p, head)) for p in check_members(path)]
+        members = [ctx.backend.prepare_frozen(loader.load(p, head_builder(ctx.components, h)))
+                   for p, h in zip(check_members(path), member_heads(path))]
         self.size = len(members)
         stack = Members(members)
         rm_tok = optional(members[0], RewardModel, "tokenizer")

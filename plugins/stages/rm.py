@@ -8,13 +8,14 @@ model: trained exactly as ``rm.ensemble_size=1`` trains it (same seed, data, sta
 checkpoints), so ``reward=model`` on an ensemble's product is the single-RM run. Members
 1..K-1 each draw their own seed (batch order), their own bootstrap resample of the
 comparisons (``rm.bootstrap``) and their own random start: N(0, ``rm.member_init_std``,
-0.03) added to their reward head's weight matrices. Members that differ only in batch order score
-much alike (the stage warns); README "Reward-model ensembles" has the measurements. Each
-member is normalised on its own. The product is then::
+0.03) added to their reward head's weight matrices. ``rm.member_heads`` gives them heads of
+other kinds, which extrapolate differently off the SFT samples. Members that differ only in
+batch order score much alike (the stage warns); README "Reward-model ensembles" has the
+measurements. Each member is normalised on its own. The product is then::
 
     rm/                member 0: what reward=model, a value model and from_run read
     rm/members/<k>/    members 1 .. K-1, each a reward-model directory like rm/ itself
-    rm/ensemble.json   the members' directories, held-out accuracies and biases
+    rm/ensemble.json   the members' directories and heads, held-out accuracies and biases
 
 and ``reward=ensemble`` scores with all of them. A finished member is kept under
 ``checkpoints/rm/member-<k>/trained/`` until the product is written: a run killed
@@ -27,7 +28,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence
 
@@ -44,7 +45,8 @@ from rlhfkit.rlhf.masked import dp_denominator
 from rlhfkit.rlhf.retokenize import reward_model_context, score
 from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import encode_pairs
-from rlhfkit.settings import bounded
+from rlhfkit.registry import installed
+from rlhfkit.settings import Invalid, bounded
 
 
 class RMLoss(str, Enum):
@@ -85,10 +87,34 @@ class RMConfig:
     matrices (its parameters of two or more dimensions), each from its own seed, so that they
     differ in their start too; member 0 starts as the single reward model does. 0: no noise.
     0.03 held best over the built-in suites against 0 and 0.1 (README "Reward-model ensembles")."""
+    member_heads: list[str] = field(default_factory=lambda: ["last_token", "mlp"])
+    """Reward heads (``reward_head`` names) of ensemble members 1..K-1, taken in turn. Member 0
+    always uses ``reward_head``: it is the single reward model. Members of one kind learn the
+    comparisons' flaw alike and agree where a policy exploits it (Eisenstein et al. 2023);
+    heads of other kinds extrapolate in their own ways off the SFT samples, so the members
+    disagree there, and ``uwo`` and ``wco`` hold back. A name that is the run's
+    ``reward_head`` takes its settings, another that head's defaults. ``[]``: every member
+    uses ``reward_head``. The default held over the built-in suites and two seeds against
+    ``[]`` and ``[last_token,mean_pool]`` (README "Reward-model ensembles"). A reward model
+    with a head of its own (``reward_model=seq_cls``) ignores it."""
+
+    def validate(self, run: Any = None) -> None:
+        if not self.member_heads:
+            return
+        heads = installed().names("reward_head")
+        unknown = [h for h in self.member_heads if h not in heads]
+        if unknown:
+            raise Invalid("member_heads", self.member_heads, f"unknown reward head {unknown[0]!r}; choose from "
+                          f"{', '.join(heads)}")
 
 
 ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "members"
 MEMBERS_SETTINGS_FILE = "members.json"  # under checkpoints/rm/ while the members train
+
+
+def setting(value: Any) -> str:
+    """``value`` as a command-line override writes it: ``true``, ``0.03``, ``[a,b]``."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value).lower()
 
 
 def member_seed(seed: int, k: int) -> int:
@@ -112,6 +138,31 @@ def perturb_head(head: torch.nn.Module, std: float, seed: int) -> None:
         for p in head.parameters():
             if p.dim() >= 2:
                 p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype), alpha=std)
+
+
+def member_head(heads: Sequence[str], k: int) -> str | None:
+    """The reward head member ``k`` trains with, by ``rm.member_heads`` (``heads``): None
+    for the run's ``reward_head``."""
+    return heads[(k - 1) % len(heads)] if k and heads else None
+
+
+def head_builder(components: Any, name: str | None) -> Any:
+    """The ``reward_head`` builder of a member whose head is ``name`` (:func:`member_head`)."""
+    return components["reward_head"] if name is None else components.named("reward_head", name)
+
+
+def member_heads(path: str) -> list[str | None]:
+    """The reward head of each member of the ``rm`` product at ``path`` (None: the run's
+    ``reward_head``), from the ``rm.member_heads`` it was trained with."""
+    members = ensemble_members(path)
+    heads: Any = []
+    if len(members) > 1:
+        with open(os.path.join(path, ENSEMBLE_FILE)) as f:
+            heads = json.load(f).get("member_heads") or []
+        if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+            raise CheckpointError(f"{path}/{ENSEMBLE_FILE} has member_heads={heads!r}, not a list of reward heads: "
+                                  "train the rm stage again.")
+    return [member_head(heads, k) for k in range(len(members))]
 
 
 def ensemble_members(path: str) -> list[str]:
@@ -228,7 +279,7 @@ class RM:
         seed = member_seed(ctx.seed, k)
         if k:  # member 0 draws from the stream seeded by run(), as the single reward model does
             seed_everything(seed)
-        rm = loader.build(base, ctx.components["reward_head"])
+        rm = loader.build(base, head_builder(ctx.components, member_head(cfg.member_heads, k)))
         if hasattr(rm, "set_scale"):  # a reward model trained before may carry a gain: train and normalise unscaled
             rm.set_scale(1.0)
         head = getattr(rm, "head", None)
@@ -297,7 +348,8 @@ class RM:
 
     def member_settings(self) -> dict[str, Any]:
         """What makes members 1..K-1 differ, recorded while they train and with the ensemble."""
-        return {"bootstrap": self.cfg.bootstrap, "member_init_std": self.cfg.member_init_std}
+        return {"bootstrap": self.cfg.bootstrap, "member_init_std": self.cfg.member_init_std,
+                "member_heads": list(self.cfg.member_heads)}
 
     def check_member_settings(self, ctx: StageContext, root: str) -> None:
         """Members already trained or under way (a resumed run) were trained with the settings
@@ -308,12 +360,12 @@ class RM:
             try:
                 with open(path) as f:
                     record = json.load(f)
-                saved = {name: record[name] for name in now}
+                saved = {name: ({"member_heads": []} | record)[name] for name in now}  # recorded before member_heads: none
             except (ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{path} is unreadable: delete {root} to train the ensemble again.") from None
             if saved != now:
                 raise CheckpointError(f"The ensemble's members in {root} were trained with "
-                                      + " ".join(f"rm.{n}={str(v).lower()}" for n, v in saved.items())
+                                      + " ".join(f"rm.{n}={setting(v)}" for n, v in saved.items())
                                       + ": resume with those settings, or delete that directory to train them again.")
             return
         if ctx.out.main:

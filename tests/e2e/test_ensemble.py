@@ -1,6 +1,6 @@
 """Reward-model ensembles through the pipeline: member 0 is the single reward model bit for
-bit and the other members differ (their bootstrap resample and random start, the defaults);
-members that differ only in batch order are warned about; a run killed
+bit and the other members differ (their bootstrap resample, random start and head kind, the
+defaults); members that differ only in batch order are warned about; a run killed
 mid-ensemble resumes to the uninterrupted result; every RL algorithm runs with
 ``reward=ensemble`` and reports the members' disagreement in training and evaluation."""
 
@@ -70,6 +70,8 @@ def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble
     assert ens["members/1/reward_head.safetensors"] != single["reward_head.safetensors"]
     info = json.load(open(ensemble / "rm" / "ensemble.json"))
     assert info["members"] == [".", "members/1"] and info["bootstrap"] is True and info["member_init_std"] == 0.03
+    assert info["member_heads"] == ["last_token", "mlp"]  # member 1 takes the first: a head of another kind
+    assert json.load(open(ensemble / "rm" / "members" / "1" / "reward_model.json"))["head_class"] == "LastTokenHead"
     logged = [r for r in rows(ensemble) if r["stage"] == "rm" and "rm/ensemble_size" in r][0]
     assert logged["rm/ensemble_size"] == 2 and logged["rm/accuracy"] == info["accuracy"]
     assert [logged[f"rm/member/{k}/accuracy"] for k in range(2)] == info["member_accuracy"]
@@ -129,7 +131,7 @@ def test_members_differ_by_their_start_alone_and_batch_order_alone_is_warned(sft
     heads = {}
     for name, extra in (("alike", ["rm.member_init_std=0"]), ("start", [])):
         with contextlib.redirect_stderr(io.StringIO()) as err:
-            run(tmp_path / name, ARGS + [f"from_run={sft}", "rm.bootstrap=false"] + extra)
+            run(tmp_path / name, ARGS + [f"from_run={sft}", "rm.bootstrap=false", "rm.member_heads=[]"] + extra)
         assert (SAME_START in err.getvalue()) == (name == "alike")
         heads[name] = weights(tmp_path / name / "rm")
     diverse = weights(ensemble / "rm")
@@ -150,13 +152,32 @@ def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_only_with_its_memb
     recorded = {f: (run_dir / f).read_bytes() for f in (".hydra/overrides.yaml", ".hydra/config.yaml", "config.yaml")}
     other = run_cli([f"resume={run_dir}", "rm.member_init_std=0.1"], cwd=str(tmp_path))  # would mix two ensembles
     assert other.returncode != 0 and "Traceback" not in other.stderr
-    assert "trained with rm.bootstrap=true rm.member_init_std=0.03: resume with those settings" in other.stderr
+    assert ("trained with rm.bootstrap=true rm.member_init_std=0.03 rm.member_heads=[last_token,mlp]: resume with "
+            "those settings") in other.stderr
     assert {f: (run_dir / f).read_bytes() for f in recorded} == recorded  # the refused overrides are not kept
     r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))  # so a plain resume replays the run's own
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[rm] member 0 already trained in" in r.stdout and "[rm/member-1] resuming at step" in r.stdout
     assert _result(run_dir) == reference  # every metric and every member's weights, exactly
     assert not (run_dir / "checkpoints" / "rm" / "members.json").exists()  # done: the record goes with the members
+
+
+def test_members_of_other_heads_train_with_them_and_score_together(sft, ensemble, tmp_path):
+    """rm.member_heads gives members 1..K-1 heads of other kinds, in turn; member 0 stays the
+    single reward model, and reward=ensemble loads each member with its own head."""
+    run(tmp_path / "mixed", RM + [f"from_run={sft}", "rm.ensemble_size=4", "rm.member_heads=[last_token,mean_pool]",
+                                  "reward=ensemble"])
+    rm = tmp_path / "mixed" / "rm"
+    classes = [json.load(open(rm / d / "reward_model.json"))["head_class"]
+               for d in (".", "members/1", "members/2", "members/3")]
+    assert classes == ["LogProbHead", "LastTokenHead", "MeanPoolHead", "LastTokenHead"]
+    assert json.load(open(rm / "ensemble.json"))["member_heads"] == ["last_token", "mean_pool"]
+    mixed, same = weights(rm), weights(ensemble / "rm")
+    assert all(mixed[f] == same[f] for f in ("reward_head.safetensors", "model.safetensors"))  # member 0
+    table = run(tmp_path / "rl", [f"from_run={tmp_path / 'mixed'}", "stages=[rl]", "reward=ensemble",
+                                  "reward.objective=wco", "rl.steps=1", "rl.prompts_per_step=8"])
+    assert table["policies"]["rl"]["reward/ensemble/std_mean"] > 0
+    assert all(f"reward/ensemble/member/{k}" in table["policies"]["rl"] for k in range(4))
 
 
 @pytest.mark.parametrize("algorithm,objective", [("ppo", "uwo"), ("a2c", "wco"), ("rloo", "mean"), ("grpo", "uwo")])

@@ -47,7 +47,7 @@ def with_counting(monkeypatch):
     real = setup()[1]
     entries = {g: {e.name: e for e in real.entries(g)} for g in real.groups()}
     entries["reward"]["counting"] = Entry("reward", "counting", Counting, CountingConfig, "tests")
-    monkeypatch.setattr(combined, "registry", lambda: Registry(entries))
+    monkeypatch.setattr(combined, "installed", lambda: Registry(entries))
 
 
 def test_weighted_sum_needs_critic_and_metrics(with_counting, synthetic):

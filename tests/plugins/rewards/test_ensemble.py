@@ -12,7 +12,7 @@ from rlhfkit.config import EvalConfig, validate_run
 from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.reward_models.hf_rm import HFRewardConfig, HFRewardLoader
 from rlhfkit.plugins.rewards.ensemble import EnsembleReward, EnsembleRewardConfig, ensemble_objective
-from rlhfkit.plugins.stages.rm import ENSEMBLE_FILE, bootstrap, ensemble_members, perturb_head
+from rlhfkit.plugins.stages.rm import ENSEMBLE_FILE, bootstrap, ensemble_members, member_head, perturb_head
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.rlhf.tokenize import encode_pairs
 
@@ -30,6 +30,12 @@ def test_objectives_on_hand_made_scores():
     # UWO: mean - lambda * (1/K) sum (r_k - mean)^2: row 0 has variance 2/3, row 1 variance 2, row 2 1/6
     assert ensemble_objective(SCORES, "uwo", 0.5).tolist() == pytest.approx([2 - 1 / 3, 0 - 1.0, 0.5 - 1 / 12])
     assert ensemble_objective(SCORES, "uwo", 0.0).tolist() == pytest.approx([2.0, 0.0, 0.5])
+
+
+def test_members_take_rm_member_heads_in_turn_and_member_0_the_runs_head():
+    assert [member_head(["last_token", "mean_pool"], k) for k in range(5)] == [None, "last_token", "mean_pool",
+                                                                                 "last_token", "mean_pool"]
+    assert [member_head([], k) for k in range(3)] == [None, None, None]
 
 
 def test_bootstrap_resamples_differ_per_member_and_leave_the_global_rng():
@@ -152,6 +158,8 @@ def test_a_single_reward_model_is_refused(policy_dir, synthetic, backend, tiny_p
     (["reward=ensemble", "rm.ensemble_size=3", "reward.uwo_lambda=-1"], r"reward.uwo_lambda=-1(\.0)?: must be >= 0"),
     (["reward=ensemble", "rm.ensemble_size=3", "reward.objective=median"],
      r"^reward.objective=median: must be one of mean, wco, uwo$"),
+    (["rm.ensemble_size=3", "rm.member_heads=[last_token,lasttoken]"],
+     r"^rm.member_heads=\[last_token,lasttoken\]: unknown reward head 'lasttoken'; choose from last_token, logprob, "),
 ])
 def test_bad_settings_fail_before_any_work(overrides, message):
     registry = setup()[1]
