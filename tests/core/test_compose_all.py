@@ -76,3 +76,14 @@ def test_stages_compose():
 def test_pairwise_loss_and_llama_override():
     cfg = compose(SMOKE + ["rm.loss=pairwise", "policy.model=tiny-llama"])
     assert cfg.rm.loss.value == "pairwise" and cfg.policy.model == "tiny-llama"
+
+
+def test_a_plugin_by_name_is_the_runs_own_choice_or_one_with_its_defaults():
+    """Components.named (rm.member_heads builds ensemble members' heads so): the chosen
+    plugin, with the run's settings, for its own name; another name, built once."""
+    from rlhfkit.plugins.reward_heads.mlp import MLPHead
+
+    components = Components(compose(SMOKE + ["reward_head=logprob", "reward_head.init_std=0.5"]), setup()[1])
+    assert components.named("reward_head", "logprob") is components["reward_head"]
+    mlp = components.named("reward_head", "mlp")
+    assert mlp is components.named("reward_head", "mlp") and isinstance(mlp(8), MLPHead)

@@ -165,19 +165,18 @@ def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_only_with_its_memb
 def test_members_of_other_heads_train_with_them_and_score_together(sft, ensemble, tmp_path):
     """rm.member_heads gives members 1..K-1 heads of other kinds, in turn; member 0 stays the
     single reward model, and reward=ensemble loads each member with its own head."""
-    run(tmp_path / "mixed", RM + [f"from_run={sft}", "rm.ensemble_size=4", "rm.member_heads=[last_token,mean_pool]",
+    run(tmp_path / "mixed", RM + [f"from_run={sft}", "rm.ensemble_size=3", "rm.member_heads=[mean_pool,logprob]",
                                   "reward=ensemble"])
     rm = tmp_path / "mixed" / "rm"
-    classes = [json.load(open(rm / d / "reward_model.json"))["head_class"]
-               for d in (".", "members/1", "members/2", "members/3")]
-    assert classes == ["LogProbHead", "LastTokenHead", "MeanPoolHead", "LastTokenHead"]
-    assert json.load(open(rm / "ensemble.json"))["member_heads"] == ["last_token", "mean_pool"]
+    classes = [json.load(open(rm / d / "reward_model.json"))["head_class"] for d in (".", "members/1", "members/2")]
+    assert classes == ["LogProbHead", "MeanPoolHead", "LogProbHead"]  # the run's own head by name too
+    assert json.load(open(rm / "ensemble.json"))["member_heads"] == ["mean_pool", "logprob"]
     mixed, same = weights(rm), weights(ensemble / "rm")
     assert all(mixed[f] == same[f] for f in ("reward_head.safetensors", "model.safetensors"))  # member 0
     table = run(tmp_path / "rl", [f"from_run={tmp_path / 'mixed'}", "stages=[rl]", "reward=ensemble",
                                   "reward.objective=wco", "rl.steps=1", "rl.prompts_per_step=8"])
     assert table["policies"]["rl"]["reward/ensemble/std_mean"] > 0
-    assert all(f"reward/ensemble/member/{k}" in table["policies"]["rl"] for k in range(4))
+    assert all(f"reward/ensemble/member/{k}" in table["policies"]["rl"] for k in range(3))
 
 
 @pytest.mark.parametrize("algorithm,objective", [("ppo", "uwo"), ("a2c", "wco"), ("rloo", "mean"), ("grpo", "uwo")])
