@@ -43,6 +43,7 @@ from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RewardModel, optional
 from rlhfkit.plugins.stages.rm import ensemble_members, head_builder, member_heads
+from rlhfkit.registry import installed
 from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary, score
 from rlhfkit.rlhf.sampling import Rollout
 from rlhfkit.rlhf.tokenize import encode_pairs
@@ -80,7 +81,7 @@ class EnsembleRewardConfig:
 
 def check_members(path: str) -> list[str]:
     """The members' directories of the ``rm`` product at ``path``; an error unless there are
-    at least two."""
+    at least two, all there, each with a reward head that is installed."""
     members = ensemble_members(path)
     if len(members) < 2:
         raise ConfigError(f"reward=ensemble: the reward model at {path} is a single one, not an ensemble. Train one with "
@@ -89,6 +90,12 @@ def check_members(path: str) -> list[str]:
     if missing:
         raise ConfigError(f"reward=ensemble: {path}/ensemble.json lists {missing[0]}, which does not exist. "
                           "Train the rm stage again.")
+    heads = installed().names("reward_head")
+    unknown = [h for h in member_heads(path) if h is not None and h not in heads]
+    if unknown:
+        raise ConfigError(f"reward=ensemble: the ensemble at {path} has a member with reward head {unknown[0]!r}, which "
+                          f"no installed plugin registers (installed: {', '.join(heads)}). Install the plugin that "
+                          "registers it, or train the rm stage again.")
     return members
 
 

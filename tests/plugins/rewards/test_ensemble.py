@@ -173,3 +173,13 @@ def test_from_run_with_a_single_reward_model_is_refused(policy_dir, tmp_path):
     registry = setup()[1]
     with pytest.raises(ConfigError, match=r"reward=ensemble: the reward model at .*prev/rm is a single one"):
         validate_run(compose(SMOKE + ["reward=ensemble", "stages=[rl]", f"from_run={run}"]), registry)
+
+
+def test_from_run_with_a_member_head_no_plugin_registers_is_refused(policy_dir, tmp_path):
+    rm = tmp_path / "prev" / "rm"
+    HFRewardLoader(HFRewardConfig()).build(policy_dir, head_builder).save(str(rm))
+    (rm / "members" / "1").mkdir(parents=True)
+    (rm / ENSEMBLE_FILE).write_text(json.dumps({"members": [".", "members/1"], "member_heads": ["attention_pool"]}))
+    with pytest.raises(ConfigError, match=r"the ensemble at .*prev/rm has a member with reward head 'attention_pool', "
+                                          r"which no installed plugin registers \(installed: last_token, logprob, "):
+        validate_run(compose(SMOKE + ["reward=ensemble", "stages=[rl]", f"from_run={tmp_path / 'prev'}"]), setup()[1])
