@@ -94,9 +94,9 @@ class RMConfig:
     heads of other kinds extrapolate in their own ways off the SFT samples, so the members
     disagree there, and ``uwo`` and ``wco`` hold back. A name that is the run's
     ``reward_head`` takes its settings, another that head's defaults. ``[]``: every member
-    uses ``reward_head``. The default held over the built-in suites and two seeds against
-    ``[]`` and ``[last_token,mean_pool]`` (README "Reward-model ensembles"). A reward model
-    with a head of its own (``reward_model=seq_cls``) ignores it."""
+    uses ``reward_head``. The default was chosen over the built-in suites against ``[]`` and
+    ``[last_token,mean_pool]``, and checked on two more seeds (README "Reward-model
+    ensembles"). A reward model with a head of its own (``reward_model=seq_cls``) ignores it."""
 
     def validate(self, run: Any = None) -> None:
         if not self.member_heads:
