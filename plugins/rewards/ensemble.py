@@ -79,9 +79,10 @@ class EnsembleRewardConfig:
                 check_members(path)
 
 
-def check_members(path: str) -> list[str]:
-    """The members' directories of the ``rm`` product at ``path``; an error unless there are
-    at least two, all there, each with a reward head that is installed."""
+def check_members(path: str) -> list[tuple[str, str | None]]:
+    """The members of the ``rm`` product at ``path``: each one's directory and reward head
+    (None: the run's ``reward_head``); an error unless there are at least two, all there,
+    each with a reward head that is installed."""
     members = ensemble_members(path)
     if len(members) < 2:
         raise ConfigError(f"reward=ensemble: the reward model at {path} is a single one, not an ensemble. Train one with "
@@ -90,13 +91,13 @@ def check_members(path: str) -> list[str]:
     if missing:
         raise ConfigError(f"reward=ensemble: {path}/ensemble.json lists {missing[0]}, which does not exist. "
                           "Train the rm stage again.")
-    heads = installed().names("reward_head")
-    unknown = [h for h in member_heads(path) if h is not None and h not in heads]
+    heads, installed_heads = member_heads(path), installed().names("reward_head")
+    unknown = [h for h in heads if h is not None and h not in installed_heads]
     if unknown:
         raise ConfigError(f"reward=ensemble: the ensemble at {path} has a member with reward head {unknown[0]!r}, which "
-                          f"no installed plugin registers (installed: {', '.join(heads)}). Install the plugin that "
-                          "registers it, or train the rm stage again.")
-    return members
+                          f"no installed plugin registers (installed: {', '.join(installed_heads)}). Install the plugin "
+                          "that registers it, or train the rm stage again.")
+    return list(zip(members, heads))
 
 
 def ensemble_objective(scores: torch.Tensor, objective: str, uwo_lambda: float = 1.0) -> torch.Tensor:
@@ -141,8 +142,7 @@ class EnsembleReward:
         path = ctx.products["rm"]
         loader = ctx.components["reward_model"]
         # from disk, not the RM stage's objects (under ZeRO-3 those are sharded for training)
-        members = [ctx.backend.prepare_frozen(loader.load(p, head_builder(ctx.components, h)))
-                   for p, h in zip(check_members(path), member_heads(path))]
+        members = [ctx.backend.prepare_frozen(loader.load(p, head_builder(ctx.components, h))) for p, h in check_members(path)]
         self.size = len(members)
         stack = Members(members)
         rm_tok = optional(members[0], RewardModel, "tokenizer")

@@ -46,7 +46,7 @@ from rlhfkit.rlhf.retokenize import reward_model_context, score
 from rlhfkit.rlhf.schedule import adamw_cosine
 from rlhfkit.rlhf.tokenize import encode_pairs
 from rlhfkit.registry import installed
-from rlhfkit.settings import Invalid, bounded
+from rlhfkit.settings import Invalid, bounded, show
 
 
 class RMLoss(str, Enum):
@@ -112,11 +112,6 @@ ENSEMBLE_FILE, MEMBER_FILE, MEMBERS_DIR = "ensemble.json", "member.json", "membe
 MEMBERS_SETTINGS_FILE = "members.json"  # under checkpoints/rm/ while the members train
 
 
-def setting(value: Any) -> str:
-    """``value`` as a command-line override writes it: ``true``, ``0.03``, ``[a,b]``."""
-    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value).lower()
-
-
 def member_seed(seed: int, k: int) -> int:
     """Member ``k``'s seed (its batch order, bootstrap sample, head noise and any random
     initialisation); member 0 keeps the single reward model's (``seed + 1``)."""
@@ -153,16 +148,17 @@ def head_builder(components: Any, name: str | None) -> Any:
 
 def member_heads(path: str) -> list[str | None]:
     """The reward head of each member of the ``rm`` product at ``path`` (None: the run's
-    ``reward_head``), from the ``rm.member_heads`` it was trained with."""
-    members = ensemble_members(path)
-    heads: Any = []
-    if len(members) > 1:
-        with open(os.path.join(path, ENSEMBLE_FILE)) as f:
-            heads = json.load(f).get("member_heads") or []
-        if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-            raise CheckpointError(f"{path}/{ENSEMBLE_FILE} has member_heads={heads!r}, not a list of reward heads: "
-                                  "train the rm stage again.")
-    return [member_head(heads, k) for k in range(len(members))]
+    ``reward_head``), from the ``rm.member_heads`` it was trained with. ``path``'s
+    ``ensemble.json``, if any, has been read by :func:`ensemble_members`."""
+    meta = os.path.join(path, ENSEMBLE_FILE)
+    if not os.path.isfile(meta):
+        return [None]
+    with open(meta) as f:
+        info = json.load(f)
+    heads = info.get("member_heads") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise CheckpointError(f"{meta} has member_heads={heads!r}, not a list of reward heads: train the rm stage again.")
+    return [member_head(heads, k) for k in range(len(info["members"]))]
 
 
 def ensemble_members(path: str) -> list[str]:
@@ -365,7 +361,7 @@ class RM:
                 raise CheckpointError(f"{path} is unreadable: delete {root} to train the ensemble again.") from None
             if saved != now:
                 raise CheckpointError(f"The ensemble's members in {root} were trained with "
-                                      + " ".join(f"rm.{n}={setting(v)}" for n, v in saved.items())
+                                      + " ".join(f"rm.{n}={show(v)}" for n, v in saved.items())
                                       + ": resume with those settings, or delete that directory to train them again.")
             return
         if ctx.out.main:
