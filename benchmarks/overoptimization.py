@@ -27,7 +27,8 @@ import sys
 import tempfile
 import time
 
-from rlhfkit.report import curves, eval_table, load_metrics, make_report
+from rlhfkit.report import curves, eval_table, load_metrics, make_report, show_environment
+from rlhfkit.rlhf.evaluation import environment
 
 
 ENSEMBLE = ["rm.ensemble_size=3", "reward.objective=uwo"]
@@ -95,7 +96,7 @@ def main() -> None:
         show(name, run_dir)
     path, gao, _ = make_report(list(runs.values()), os.path.join(root, "report"), list(runs))
     print("\n" + "\n".join(gao))
-    print(f"\nreport: {path}")
+    print(f"\nreport: {path}\nenvironment: {show_environment(environment())}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from rlhfkit.loop import Loop, Output
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, STAGE_GROUP, Registry
 from rlhfkit.resume import Preemption
-from rlhfkit.rlhf.evaluation import format_table, versus
+from rlhfkit.rlhf.evaluation import environment, format_table, versus
 from rlhfkit.secrets import redact
 
 BASE = "sft"
@@ -213,6 +213,7 @@ class Run:
             table = self.final_evaluation()
         timings["eval"] = time.time() - t
         table["seconds"] = {**timings, "total": time.time() - t0}
+        table["environment"] = environment()
         if self.main:
             atomic_write_text(os.path.join(self.run_dir, "eval.json"), json.dumps(table, indent=2))
             print(format_table(table), flush=True)

@@ -300,9 +300,11 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
     lines = ["# rlhfkit run report", ""]
     cols = ["gold", "proxy", "kl", "eos_rate", "length"]
     lines += ["| run | policy | " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * len(cols)]
-    notes = []
+    notes, envs = [], {}
     for label, (d, _, bad) in runs.items():
         table = eval_table(d)
+        if table and "environment" in table:
+            envs[label] = show_environment(table["environment"])
         for policy, m in (table or {}).get("policies", {}).items():
             lines.append(f"| {label} | {policy} | " + " | ".join(f"{m[c]:.3f}" if c in m else "-" for c in cols) + " |")
         if table and "win_rate" in table:
@@ -312,6 +314,9 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
             notes.append(f"- **{label}**: no eval.json (the run did not finish)")
         if bad:
             notes.append(f"- **{label}**: {bad} unreadable line(s) in metrics.jsonl skipped")
+    if len(set(envs.values())) > 1:  # the same config can give other figures under other versions or thread counts
+        notes.append("- **the runs' environments differ**, so equal settings need not give equal curves: "
+                     + "; ".join(f"{label}: {env}" for label, env in envs.items()))
     lines += ["", *notes, "", *gao, "", "## Plots", ""]
     if not plotted:
         lines.append(NO_MATPLOTLIB)
@@ -321,6 +326,11 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
 
 
 NO_MATPLOTLIB = "(plots skipped: matplotlib is not installed; pip install 'rlhfkit[report]')"
+
+
+def show_environment(env: dict[str, Any]) -> str:
+    """A run's ``environment`` (eval.json; :func:`rlhfkit.rlhf.evaluation.environment`) on one line."""
+    return ", ".join(f"{k} {v}" for k, v in env.items())
 
 
 def eval_table(run_dir: str) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import torch
 
 from rlhfkit.interfaces import Backend, Generator, Labeller, Policy, RewardSource, RolloutConfig, optional
 from rlhfkit.rlhf.masked import masked_sum
+from rlhfkit.report import show_environment
 from rlhfkit.rlhf.rollout import any_alive_fn, policy_logprobs
 
 EVAL_STREAMS = {"sft": 0, "rl": 1}
@@ -98,6 +99,19 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
     return out
 
 
+def environment() -> dict[str, Any]:
+    """What a run's figures depend on besides its config and seed: the versions of the
+    numerical libraries and torch's thread count. A run repeats exactly under the same ones
+    (CPU figures are deterministic for a given thread count), not across them."""
+    import platform
+
+    import transformers
+
+    from rlhfkit import __version__
+
+    return {"rlhfkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+
 def format_table(table: dict[str, Any]) -> str:
     cols = ["gold", "proxy", "kl", "eos_rate", "length"]
     samples = f" x {table['samples_per_prompt']} samples" if table.get("samples_per_prompt", 1) > 1 else ""
@@ -113,4 +127,6 @@ def format_table(table: dict[str, Any]) -> str:
         )
     if "seconds" in table:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in table["seconds"].items()))
+    if "environment" in table:
+        lines.append("environment: " + show_environment(table["environment"]))
     return "\n".join(lines)

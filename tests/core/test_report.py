@@ -39,6 +39,20 @@ def test_report_plots_every_stage_and_overlays_runs(tmp_path, capsys):
         objective_value(table, "nope")
 
 
+def test_report_says_when_overlaid_runs_ran_under_other_versions_or_thread_counts(tmp_path):
+    env = {"rlhfkit": "0.1.0", "python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.23.0", "threads": 1}
+    for name, threads in (("a", 1), ("b", 1), ("c", 2)):
+        _fake_run(tmp_path / name, 0.05)
+        table = json.loads((tmp_path / name / "eval.json").read_text())
+        (tmp_path / name / "eval.json").write_text(json.dumps(table | {"environment": env | {"threads": threads}}))
+    main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "same")])
+    assert "environments differ" not in (tmp_path / "same" / "summary.md").read_text()
+    main(["report", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "differ")])
+    summary = (tmp_path / "differ" / "summary.md").read_text()
+    assert "the runs' environments differ" in summary
+    assert "a: rlhfkit 0.1.0, python 3.11.7, torch 2.13.0+cpu, transformers 5.23.0, threads 1; c: " in summary
+
+
 def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path)])

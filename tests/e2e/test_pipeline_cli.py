@@ -46,6 +46,12 @@ def test_run_directory_holds_checkpoints_metrics_config_and_eval(default_run):
     for m in table["policies"].values():
         assert {"gold", "proxy", "kl", "eos_rate"} <= set(m)
     assert 0.0 <= table["win_rate"] <= 1.0
+    import torch
+    import transformers
+
+    env = table["environment"]  # what the figures depend on besides the config
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__ and env["threads"] >= 1
+    assert f"torch {torch.__version__}" in r.stdout
     assert "win rate" in r.stdout and "policy" in r.stdout and "rm/accuracy" in r.stdout
 
 
