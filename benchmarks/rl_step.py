@@ -144,7 +144,7 @@ def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int
         algorithm = PPO(PPOConfig(ppo_epochs=shape.ppo_epochs, num_minibatches=shape.num_minibatches, lr=1e-6, critic_lr=1e-6))
         batch = prompts(shape, shape.prompts)
     else:
-        algorithm = RLOO(RLOOConfig(rloo_k=shape.rloo_k, lr=1e-6))
+        algorithm = RLOO(RLOOConfig(rloo_k=shape.rloo_k, lr=1e-6, num_minibatches=shape.num_minibatches))
         batch = prompts(shape, shape.prompts // shape.rloo_k)
     algorithm.setup(ctx)
     rows = []

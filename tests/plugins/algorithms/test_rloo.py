@@ -28,3 +28,17 @@ def test_rloo_is_critic_free_and_updates_the_policy(rl_ctx):
 def test_rloo_needs_k_of_at_least_two():
     with pytest.raises(ConfigError, match="rloo_k"):
         RLOO(RLOOConfig(rloo_k=1))
+
+
+def test_rloo_takes_four_optimizer_steps_per_rollout_by_default(rl_ctx, monkeypatch):
+    """The default (4, as A2C's and GRPO's): with one step per rollout RLOO did not raise gold
+    on the words suite (docs/overoptimisation.md section 7)."""
+    cfg = RLOOConfig(rloo_k=2, lr=1e-3)
+    assert cfg.num_minibatches == 4
+    steps, real = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **kw: steps.append(1) or real(self, *a, **kw))
+    algo = RLOO(cfg)
+    algo.setup(rl_ctx)
+    torch.manual_seed(0)
+    algo.step(["copy a b c =", "sort c b a =", "reverse a b =", "count a in a a ="])
+    assert len(steps) == 4  # one per minibatch of whole groups (here one prompt's k=2 responses each)
