@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overoptimization import curve  # noqa: E402  (the same curves as that benchmark)
 
 from rlhfkit.report import show_environment  # noqa: E402
-from rlhfkit.rlhf.evaluation import environment  # noqa: E402
 
 METHODS = {
     "single": ["reward=model"],
@@ -130,7 +129,7 @@ def main() -> None:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=2)
     print(f"\ncommand: python benchmarks/ensembles.py {' '.join(sys.argv[1:])}   runs in {root}")
-    print(f"environment: {show_environment(environment())}")
+    print(f"environment: {show_environment()}")
 
 
 if __name__ == "__main__":

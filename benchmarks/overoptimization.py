@@ -28,7 +28,6 @@ import tempfile
 import time
 
 from rlhfkit.report import curves, eval_table, load_metrics, make_report, show_environment
-from rlhfkit.rlhf.evaluation import environment
 
 
 ENSEMBLE = ["rm.ensemble_size=3", "reward.objective=uwo"]
@@ -96,7 +95,7 @@ def main() -> None:
         show(name, run_dir)
     path, gao, _ = make_report(list(runs.values()), os.path.join(root, "report"), list(runs))
     print("\n" + "\n".join(gao))
-    print(f"\nreport: {path}\nenvironment: {show_environment(environment())}")
+    print(f"\nreport: {path}\nenvironment: {show_environment()}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import tempfile
 import time
 
 from rlhfkit.report import show_environment
-from rlhfkit.rlhf.evaluation import environment
 
 
 def run(seed: int, overrides: list[str], root: str) -> dict:
@@ -40,7 +39,7 @@ def print_commands_and_save(rows: list[dict], out: str | None) -> None:
     print("\ncommands:")
     for r in rows:
         print(f"  {r['command']}")
-    print(f"environment: {show_environment(environment())}")  # other versions or thread counts give other figures
+    print(f"environment: {show_environment()}")  # other versions or thread counts give other figures
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=2)

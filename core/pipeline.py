@@ -21,8 +21,9 @@ from rlhfkit.interfaces import Dataset, RewardModelLoader, RewardSource, Stage, 
 from rlhfkit.loop import Loop, Output
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.registry import MULTI_GROUPS, NAME_KEY, STAGE_GROUP, Registry
+from rlhfkit.report import environment
 from rlhfkit.resume import Preemption
-from rlhfkit.rlhf.evaluation import environment, format_table, versus
+from rlhfkit.rlhf.evaluation import format_table, versus
 from rlhfkit.secrets import redact
 
 BASE = "sft"

@@ -328,9 +328,25 @@ def summary_markdown(runs: dict[str, tuple[str, Any, int]], plots: list[str], ga
 NO_MATPLOTLIB = "(plots skipped: matplotlib is not installed; pip install 'rlhfkit[report]')"
 
 
-def show_environment(env: dict[str, Any]) -> str:
-    """A run's ``environment`` (eval.json; :func:`rlhfkit.rlhf.evaluation.environment`) on one line."""
-    return ", ".join(f"{k} {v}" for k, v in env.items())
+def environment() -> dict[str, Any]:
+    """What a run's figures depend on besides its config and seed, as ``eval.json`` records
+    it: the versions of the numerical libraries and torch's thread count. A run repeats
+    exactly under the same ones (CPU figures are deterministic for a given thread count), not
+    across them. torch is imported here, not at the top: ``rlhfkit report`` does without it."""
+    import platform
+
+    import torch
+    import transformers
+
+    from rlhfkit import __version__
+
+    return {"rlhfkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+
+
+def show_environment(env: dict[str, Any] | None = None) -> str:
+    """A run's ``environment`` (default: this process's, :func:`environment`) on one line."""
+    return ", ".join(f"{k} {v}" for k, v in (environment() if env is None else env).items())
 
 
 def eval_table(run_dir: str) -> dict[str, Any] | None:

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.interfaces import Backend, Generator, Labeller, Policy, RewardSource, RolloutConfig, optional
-from rlhfkit.rlhf.masked import masked_sum
 from rlhfkit.report import show_environment
+from rlhfkit.rlhf.masked import masked_sum
 from rlhfkit.rlhf.rollout import any_alive_fn, policy_logprobs
 
 EVAL_STREAMS = {"sft": 0, "rl": 1}
@@ -98,19 +98,6 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
         out["gold_improvement"] = result.metrics["gold"] - base.metrics["gold"]
     return out
 
-
-def environment() -> dict[str, Any]:
-    """What a run's figures depend on besides its config and seed: the versions of the
-    numerical libraries and torch's thread count. A run repeats exactly under the same ones
-    (CPU figures are deterministic for a given thread count), not across them."""
-    import platform
-
-    import transformers
-
-    from rlhfkit import __version__
-
-    return {"rlhfkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
 
 def format_table(table: dict[str, Any]) -> str:
     cols = ["gold", "proxy", "kl", "eos_rate", "length"]

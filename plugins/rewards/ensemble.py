@@ -42,7 +42,7 @@ from rlhfkit.config import RunInfo
 from rlhfkit.context import StageContext
 from rlhfkit.errors import ConfigError
 from rlhfkit.interfaces import RewardModel, optional
-from rlhfkit.plugins.stages.rm import ensemble_members, head_builder, member_heads
+from rlhfkit.plugins.stages.rm import ensemble_members_with_heads, head_builder
 from rlhfkit.registry import installed
 from rlhfkit.rlhf.retokenize import Retokenized, reward_model_context, same_vocabulary, score
 from rlhfkit.rlhf.sampling import Rollout
@@ -83,21 +83,21 @@ def check_members(path: str) -> list[tuple[str, str | None]]:
     """The members of the ``rm`` product at ``path``: each one's directory and reward head
     (None: the run's ``reward_head``); an error unless there are at least two, all there,
     each with a reward head that is installed."""
-    members = ensemble_members(path)
+    members = ensemble_members_with_heads(path)
     if len(members) < 2:
         raise ConfigError(f"reward=ensemble: the reward model at {path} is a single one, not an ensemble. Train one with "
                           "stages=[...,rm,...] rm.ensemble_size=K (K >= 2), or use reward=model.")
-    missing = [m for m in members if not os.path.isdir(m)]
+    missing = [d for d, _ in members if not os.path.isdir(d)]
     if missing:
         raise ConfigError(f"reward=ensemble: {path}/ensemble.json lists {missing[0]}, which does not exist. "
                           "Train the rm stage again.")
-    heads, installed_heads = member_heads(path), installed().names("reward_head")
-    unknown = [h for h in heads if h is not None and h not in installed_heads]
+    installed_heads = installed().names("reward_head")
+    unknown = [h for _, h in members if h is not None and h not in installed_heads]
     if unknown:
         raise ConfigError(f"reward=ensemble: the ensemble at {path} has a member with reward head {unknown[0]!r}, which "
                           f"no installed plugin registers (installed: {', '.join(installed_heads)}). Install the plugin "
                           "that registers it, or train the rm stage again.")
-    return list(zip(members, heads))
+    return members
 
 
 def ensemble_objective(scores: torch.Tensor, objective: str, uwo_lambda: float = 1.0) -> torch.Tensor:

@@ -146,33 +146,29 @@ def head_builder(components: Any, name: str | None) -> Any:
     return components["reward_head"] if name is None else components.named("reward_head", name)
 
 
-def member_heads(path: str) -> list[str | None]:
-    """The reward head of each member of the ``rm`` product at ``path`` (None: the run's
-    ``reward_head``), from the ``rm.member_heads`` it was trained with. ``path``'s
-    ``ensemble.json``, if any, has been read by :func:`ensemble_members`."""
+def ensemble_members_with_heads(path: str) -> list[tuple[str, str | None]]:
+    """The reward models in the ``rm`` product at ``path``: member 0 (the product itself)
+    and, for an ensemble, ``members/<k>``; each one's directory and reward head (None: the
+    run's ``reward_head``), from the ``rm.member_heads`` it was trained with."""
     meta = os.path.join(path, ENSEMBLE_FILE)
     if not os.path.isfile(meta):
-        return [None]
-    with open(meta) as f:
-        info = json.load(f)
-    heads = info.get("member_heads") or []
+        return [(path, None)]
+    try:
+        with open(meta) as f:
+            info = json.load(f)
+        members, heads = info["members"], info.get("member_heads") or []
+        dirs = [os.path.normpath(os.path.join(path, m)) for m in members]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta} is unreadable ({exc}): train the rm stage again.") from None
     if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
         raise CheckpointError(f"{meta} has member_heads={heads!r}, not a list of reward heads: train the rm stage again.")
-    return [member_head(heads, k) for k in range(len(info["members"]))]
+    return [(d, member_head(heads, k)) for k, d in enumerate(dirs)]
 
 
 def ensemble_members(path: str) -> list[str]:
-    """The directories of the reward models in the ``rm`` product at ``path``: member 0 (the
-    product itself) and, for an ensemble, ``members/<k>``."""
-    meta = os.path.join(path, ENSEMBLE_FILE)
-    if not os.path.isfile(meta):
-        return [path]
-    try:
-        with open(meta) as f:
-            members = json.load(f)["members"]
-        return [os.path.normpath(os.path.join(path, m)) for m in members]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{meta} is unreadable ({exc}): train the rm stage again.") from None
+    """The directories of the reward models in the ``rm`` product at ``path``
+    (:func:`ensemble_members_with_heads`)."""
+    return [d for d, _ in ensemble_members_with_heads(path)]
 
 
 def accuracy_of(rewards: torch.Tensor, comparisons: Sequence[Comparison]) -> float:
