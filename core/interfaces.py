@@ -442,10 +442,11 @@ class RLContext:
     """Scores rollouts (``reward=model``: the frozen, normalised reward model)."""
     backend: Backend
     rollout: RolloutConfig
-    make_critic: Callable[[], RewardModel]
-    """A trainable value model: a copy of the reward model where there is one that reads
-    the policy's tokens (InstructGPT initialises the value model from the RM), else a fresh
-    value head on the SFT policy. Critic-free algorithms never call it."""
+    make_critic: Callable[..., RewardModel]
+    """``make_critic(from_reward_model=True)``: a trainable value model. A copy of the
+    reward model where there is one that reads the policy's tokens (InstructGPT initialises
+    the value model from the RM); else, or with ``from_reward_model=False``, a fresh value
+    head (``reward_head=...``) on the SFT policy. Critic-free algorithms never call it."""
     demonstrations: Callable[[], list[Example]]
     """The SFT demonstrations that fit the policy's context whole (PPO-ptx mixes them in)."""
     seed: int = 0

@@ -59,7 +59,7 @@ def rl_ctx(policy_loader, policy_dir, backend, synthetic):
     rm = HFRewardLoader(HFRewardConfig()).build(policy_dir, head_builder)
     backend.prepare_frozen(rm)
 
-    def make_critic():
+    def make_critic(from_reward_model=True):
         c = copy.deepcopy(rm)
         c.requires_grad_(True)
         return c

@@ -27,7 +27,7 @@ from rlhfkit.resume import Batches
 from rlhfkit.rlhf.minibatch import MicroBatch, mean_stats, minibatch_size, minibatch_updates
 from rlhfkit.rlhf.rollout import collect, critic_values, rollout_metrics
 from rlhfkit.rlhf.tokenize import encode_pairs
-from rlhfkit.settings import bounded
+from rlhfkit.settings import bounded, one_of
 
 
 def clipped_value_loss(
@@ -88,6 +88,10 @@ class PPOConfig:
     """Value clipping range around the old values."""
     vf_coef: float = bounded(0.1, ge=0)
     """Weight of the value loss."""
+    critic_init: str = one_of("reward_model", "sft")
+    """Where the value model starts: ``reward_model``, a copy of the reward model
+    (InstructGPT), or ``sft``, a fresh value head (``reward_head``) on the SFT policy. A
+    reward source without a model that reads the policy's tokens always gives ``sft``."""
     ppo_epochs: int = bounded(4, ge=1)
     """Passes over each rollout batch."""
     num_minibatches: int = bounded(4, ge=1)
@@ -137,7 +141,7 @@ class PPO:
         # must advance the same way whatever the world size (see rlhfkit.rlhf.rollout.collect).
         self.shuffle = torch.Generator().manual_seed(torch.initial_seed())
         disable_dropout(ctx.policy.model)
-        self.critic = ctx.make_critic()  # InstructGPT: value model initialised from the RM
+        self.critic = ctx.make_critic(from_reward_model=cfg.critic_init == "reward_model")  # InstructGPT: from the RM
         self.policy = ctx.backend.prepare(
             ctx.policy.model, torch.optim.Adam(ctx.policy.model.parameters(), lr=cfg.lr, eps=1e-5), None, cfg.max_grad_norm
         )

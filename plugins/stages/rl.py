@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rlhfkit import hookimpl
 from rlhfkit.config import RunInfo
@@ -68,7 +69,7 @@ class RL:
         tracked = TrackingBackend(backend)  # the engines the algorithm prepares are checkpointed and guarded
         rl = RLContext(
             policy=policy, reference=reference, reward=reward, backend=tracked, rollout=ctx.rollout,
-            make_critic=lambda: self.critic(ctx, optional(reward, RewardSource, "critic_init")),
+            make_critic=self.critic_factory(ctx, optional(reward, RewardSource, "critic_init")),
             demonstrations=lambda: [e for e, _, _ in ctx.data.demonstrations(tok, whole=True)],
             seed=ctx.seed, generate=ctx.components["generator"], scoring=cfg.scoring,
             more_prompts=lambda: [prompts[j] for j in next(batches)],  # the step's own stream (both bound below)
@@ -107,9 +108,14 @@ class RL:
         policy.model.eval()
         ctx.save(policy)
 
+    def critic_factory(self, ctx: StageContext, init: str | None) -> Callable[..., RewardModel]:
+        """``RLContext.make_critic``: ``make_critic(from_reward_model=True)``."""
+        return lambda from_reward_model=True: self.critic(ctx, init if from_reward_model else None)
+
     def critic(self, ctx: StageContext, init: str | None) -> RewardModel:
-        """The value model: the reward model's weights where the reward source has a model
-        that reads the policy's tokens (InstructGPT), else a fresh value head on SFT."""
+        """The value model: the reward model's weights at ``init`` (the reward source's
+        ``critic_init``: a model that reads the policy's tokens, InstructGPT's choice), else
+        a fresh value head on SFT."""
         loader, head = ctx.components["reward_model"], ctx.components["reward_head"]
         if init:
             critic = loader.load(init, head)
