@@ -12,10 +12,11 @@ from typing import Any, Callable
 
 import torch
 
-from rlhfkit.checkpoint import CheckpointStore, atomic_write_text, load_tensors, no_space_message
+from rlhfkit.checkpoint import CheckpointStore, atomic_write_text, load_tensors, no_space_message, read_manifest
 from rlhfkit.config import CheckpointConfig, GuardConfig, OnDivergence
 from rlhfkit.errors import CheckpointError
 from rlhfkit.interfaces import Backend, StepResult
+from rlhfkit.report import environment, environment_changes
 from rlhfkit.resume import DivergenceError, Guard, Preemption, TrackingBackend, rng_state, set_rng_state
 
 
@@ -109,7 +110,8 @@ class Loop:
                 torch.save({"step": step, "engines": len(tracked.engines), "guard": guard.state_dict(),
                             "state": {k: v.state_dict() for k, v in state.items()}}, os.path.join(tmp, "trainer.pt"))
 
-        path = self.store.save(stage, step, write, engines=len(tracked.engines), world_size=self.backend.world_size)
+        path = self.store.save(stage, step, write, engines=len(tracked.engines), world_size=self.backend.world_size,
+                               environment=environment())  # a resume under another one is told so
         if main:
             self.out.hook.rlhfkit_checkpoint_saved(stage=stage, path=path)
         return path
@@ -144,6 +146,11 @@ class Loop:
                 self.out.warn(f"{exc} Trying an older checkpoint.")
                 continue
             self.out.say(f"[{stage}] resuming at step {step} from {path}")
+            changes = environment_changes(read_manifest(path).get("environment"), environment())
+            if changes:
+                self.out.warn(f"{path} was written under other versions or thread counts ({changes}): the resumed "
+                              "run continues, but will not repeat the uninterrupted one exactly. Resume under the "
+                              "checkpoint's to repeat it.")
             return step
         self.out.say(f"[{stage}] no checkpoint to resume from: starting the stage")
         return 0

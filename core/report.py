@@ -344,6 +344,14 @@ def environment() -> dict[str, Any]:
             "transformers": transformers.__version__, "threads": torch.get_num_threads()}
 
 
+def environment_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between a saved ``environment`` and ``now``, as ``torch 2.12.0 -> 2.13.0,
+    threads 1 -> 2``; empty when nothing does or nothing was saved (an older checkpoint)."""
+    if not saved:
+        return ""
+    return ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+
+
 def show_environment(env: dict[str, Any] | None = None) -> str:
     """A run's ``environment`` (default: this process's, :func:`environment`) on one line."""
     return ", ".join(f"{k} {v}" for k, v in (environment() if env is None else env).items())

@@ -189,3 +189,13 @@ def test_report_without_matplotlib_still_prints_the_fit(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "| run | rl | 10 | 0.2000 | 0.1500 | 1.000 |" in out and "pip install 'rlhfkit[report]'" in out
     assert not list((tmp_path / "r").glob("*.png")) and "plots skipped" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_environment_changes_names_what_differs_and_nothing_for_an_older_checkpoint():
+    from rlhfkit.report import environment_changes
+
+    now = {"torch": "2.13.0", "transformers": "5.23.0", "threads": 2}
+    assert environment_changes({"torch": "2.12.0", "transformers": "5.23.0", "threads": 1}, now) == \
+        "torch 2.12.0 -> 2.13.0, threads 1 -> 2"
+    assert environment_changes(dict(now), now) == ""
+    assert environment_changes(None, now) == ""  # written before checkpoints recorded it

@@ -58,6 +58,7 @@ def test_sigkill_mid_stage_then_resume_matches_the_uninterrupted_run(at, uninter
     assert r.returncode == 0, r.stderr[-3000:]
     stage = at.split("/")[0]
     assert f"[{stage}] resuming at step" in r.stdout
+    assert "other versions or thread counts" not in r.stderr  # the same environment: no warning
     table, weights = _result(run_dir)
     ref_table, ref_weights = uninterrupted
     assert table == ref_table  # every metric, exactly
@@ -80,9 +81,16 @@ def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes(uninterrupted, t
     assert "SIGTERM" in err and f"resume={run_dir}" in err
     ckpts = os.listdir(os.path.join(run_dir, "checkpoints", "rl"))  # every=100: only the preemption one
     assert len(ckpts) == 1
+    # the checkpoint records the environment it was written under; say it was another torch
+    manifest = os.path.join(run_dir, "checkpoints", "rl", ckpts[0], "manifest.json")
+    info = json.load(open(manifest))
+    assert set(info["environment"]) == {"rlhfkit", "python", "torch", "transformers", "threads"}
+    torch_now, info["environment"]["torch"] = info["environment"]["torch"], "0.0.1"
+    json.dump(info, open(manifest, "w"))
     r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _result(run_dir) == uninterrupted
+    assert f"(torch 0.0.1 -> {torch_now}): the resumed run continues, but will not repeat" in r.stderr
+    assert _result(run_dir) == uninterrupted  # a warning, not a change: the versions are in fact the same
 
 
 def test_ctrl_c_writes_a_checkpoint_and_exits_130_then_resumes(uninterrupted, tmp_path):
