@@ -16,9 +16,10 @@ score mean 0 under it too, as each member does (``wco`` and ``uwo`` score below 
 members' mean). Scoring is batched: each member reads the same batch in one
 forward pass (re-tokenized once, when the members have a vocabulary of their own).
 
-The value model of PPO and A2C (``critic_init``) starts as member 0, as InstructGPT's starts
-as its reward model: its values are on the combined reward's scale to within the members'
-disagreement, and with ``center`` their mean on the SFT demonstrations matches it.
+PPO's value model (``critic_init``) starts as member 0, as InstructGPT's starts as its
+reward model: its values are on the combined reward's scale to within the members'
+disagreement, and with ``center`` their mean on the SFT demonstrations matches it. (A2C's
+starts on SFT by default: ``algorithm.critic_init``.)
 
 Each RL step logs the members' disagreement on its rollouts: the standard deviation over
 members of each row's scores, averaged over the batch (``reward/ensemble/std_mean``) and
