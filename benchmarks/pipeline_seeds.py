@@ -54,11 +54,12 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="rlhfkit-bench-")
     rows = [run(s, args.overrides, root) for s in args.seeds]
     print(f"overrides: {' '.join(args.overrides) or '(default run)'}   cpus: {os.cpu_count()}")
-    print(f"{'seed':>4} {'wall_s':>7} {'sft_gold':>9} {'rl_gold':>8} {'gain':>7} {'win_rate':>9} {'ties':>6} {'rl_kl':>7} {'rl_eos':>7}")
+    print(f"{'seed':>4} {'wall_s':>7} {'sft_gold':>9} {'rl_gold':>8} {'gain':>7} {'se':>6} {'win_rate':>9} {'ties':>6} {'rl_kl':>7} {'rl_eos':>7}")
     for r in rows:
         sft, rl = r["policies"]["sft"], r["policies"]["rl"]
         print(
             f"{r['seed']:>4} {r['wall_s']:>7.1f} {sft['gold']:>9.3f} {rl['gold']:>8.3f} {r['gold_improvement']:>+7.3f} "
+            f"{r.get('gold_improvement_se', float('nan')):>6.3f} "
             f"{r['win_rate']:>9.3f} {r['tie_rate']:>6.3f} {rl['kl']:>7.2f} {rl['eos_rate']:>7.3f}"
         )
     if args.out:

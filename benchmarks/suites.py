@@ -6,8 +6,9 @@ model run once (``stages=[sft,rm]``); each algorithm's RL then starts from that 
 (``stages=[rl] from_run=<dir>``), which gives the same result as the whole pipeline
 ``stages=[sft,rm,rl]`` (the RL stage seeds itself) at a fraction of the time. Each run is
 the real CLI in a subprocess (:func:`pipeline_seeds.run`). Prints, per run, SFT gold, RL
-gold, the gain, KL to SFT and the proxy reward, with the reward model's held-out accuracy
-and normalising bias; then "raised on N of M" per suite and algorithm, and the one-command
+gold, the gain and its standard error (``se``), KL to SFT and the proxy reward, with the
+reward model's held-out accuracy and normalising bias; then "raised on N of M" (and on how
+many by more than two standard errors) per suite and algorithm, and the one-command
 equivalent of every row. Nothing is asserted: these are measurements.
 
     python benchmarks/suites.py [--suites synthetic numbers words] [--seeds 0 1 2]
@@ -71,8 +72,9 @@ def main() -> None:
         for algorithm in args.algorithms:
             mine = [r for r in rows if r["suite"] == suite and r["algorithm"] == algorithm]
             raised = sum(gain(r) > 0 for r in mine)
-            print(f"{suite:<10} {algorithm:<5} gold raised over SFT on {raised} of {len(mine)} seeds"
-                  f"   (mean gain {sum(map(gain, mine)) / len(mine):+.3f})")
+            clear = sum(gain(r) > 2 * r.get("gold_improvement_se", float("inf")) for r in mine)
+            print(f"{suite:<10} {algorithm:<5} gold raised over SFT on {raised} of {len(mine)} seeds, by more than "
+                  f"2 standard errors on {clear}   (mean gain {sum(map(gain, mine)) / len(mine):+.3f})")
     print_commands_and_save(rows, args.out)
 
 
@@ -83,10 +85,11 @@ def gain(r: dict) -> float:
 def print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'suite':<10} {'algo':<5} {'seed':>4} {'rm_acc':>6} {'rm_bias':>7} {'sft_gold':>8} {'rl_gold':>7} "
-              f"{'gain':>7} {'rl_kl':>6} {'proxy':>6} {'win':>6} {'wall_s':>6}")
+              f"{'gain':>7} {'se':>6} {'rl_kl':>6} {'proxy':>6} {'win':>6} {'wall_s':>6}")
     sft, rl = r["policies"]["sft"], r["policies"]["rl"]
     print(f"{r['suite']:<10} {r['algorithm']:<5} {r['seed']:>4} {r['rm'].get('accuracy', float('nan')):>6.3f} "
           f"{r['rm'].get('bias', float('nan')):>+7.2f} {sft['gold']:>8.3f} {rl['gold']:>7.3f} {gain(r):>+7.3f} "
+          f"{r.get('gold_improvement_se', float('nan')):>6.3f} "
           f"{rl['kl']:>6.2f} {rl['proxy']:>+6.2f} {r['win_rate']:>6.3f} {r['wall_s']:>6.1f}")
 
 

@@ -3,6 +3,8 @@ reward source), KL to the SFT policy, EOS rate and length; and the run's final t
 
 from __future__ import annotations
 
+import math
+import statistics
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,6 +31,8 @@ class EvalResult:
     prompts: list[str]
     responses: list[str]
     gold: list[float] | None
+    samples_per_prompt: int = 1
+    """Samples of each prompt, adjacent in ``prompts``, ``responses`` and ``gold``."""
 
     def rows(self, n: int) -> list[dict[str, Any]]:
         return [
@@ -82,12 +86,13 @@ def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, pro
         gold = labeller.score(prompts, responses)
         metrics["gold"] = sum(gold) / len(gold)
     metrics["length"] = sum(len(x.split()) for x in responses) / len(responses)
-    return EvalResult(metrics, list(prompts), responses, gold)
+    return EvalResult(metrics, list(prompts), responses, gold, samples_per_prompt)
 
 
 def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
     """Win rate (ties count half), tie rate and gold improvement of ``result`` over
-    ``base`` on the same prompts, under the gold labeller."""
+    ``base`` on the same prompts, under the gold labeller; with the improvement's standard
+    error (:func:`paired_standard_error`)."""
     if base.gold is None or result.gold is None:
         return {}
     n = len(result.gold)
@@ -96,7 +101,19 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
     out = {"win_rate": wins / n, "tie_rate": ties / n}
     if "gold" in base.metrics:
         out["gold_improvement"] = result.metrics["gold"] - base.metrics["gold"]
+        out["gold_improvement_se"] = paired_standard_error(result.gold, base.gold, result.samples_per_prompt)
     return out
+
+
+def paired_standard_error(gold: Sequence[float], base: Sequence[float], samples_per_prompt: int = 1) -> float:
+    """Standard error of ``mean(gold) - mean(base)``, two policies' gold scores on the same
+    prompts (``samples_per_prompt`` adjacent samples of each): the spread over prompts of
+    the per-prompt difference of means, over the square root of the number of prompts. It
+    counts both the sampling noise and which prompts were drawn; an improvement within about
+    two of it is not one the evaluation can tell from zero. NaN with fewer than 2 prompts."""
+    k = samples_per_prompt
+    diffs = [(sum(gold[i : i + k]) - sum(base[i : i + k])) / k for i in range(0, len(gold), k)]
+    return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
 
 
 def format_table(table: dict[str, Any]) -> str:
@@ -111,6 +128,7 @@ def format_table(table: dict[str, Any]) -> str:
         lines.append(
             f"{name.upper()} vs SFT under the gold labeller: win rate {vs['win_rate']:.3f} "
             f"(ties {vs['tie_rate']:.3f} count half), gold reward {vs['gold_improvement']:+.3f}"
+            + (f" (standard error {vs['gold_improvement_se']:.3f})" if "gold_improvement_se" in vs else "")
         )
     if "seconds" in table:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in table["seconds"].items()))

@@ -1,11 +1,14 @@
 """The final evaluation: each policy's samples, and the RL-vs-SFT win rate, on held-out
 prompts."""
 
+import math
+
 import pytest
 
 from rlhfkit.cli import setup
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import Run
+from rlhfkit.rlhf.evaluation import format_table, paired_standard_error
 
 from ..helpers import SMOKE, compose
 
@@ -24,6 +27,9 @@ def test_win_rate_compares_independent_draws(run, policy_dir):
     table = run.final_evaluation()
     assert table["tie_rate"] < 0.8
     assert 0.25 < table["win_rate"] < 0.75
+    # one policy against itself: no real improvement, and the evaluation says how far chance moves it
+    assert 0 < table["gold_improvement_se"] < 0.2 and abs(table["gold_improvement"]) < 3 * table["gold_improvement_se"]
+    assert f"(standard error {table['gold_improvement_se']:.3f})" in format_table(table)
     ctx = run.context("eval")
     sft = ctx.load_policy("sft")
     ctx.data.bind(sft)
@@ -74,3 +80,12 @@ def test_samples_per_prompt_is_checked_before_any_work(tmp_path):
     plugins, registry = setup()
     with pytest.raises(ConfigError, match="eval.samples_per_prompt=0: must be >= 1"):
         Run(compose(SMOKE + ["logger=[]", "eval.samples_per_prompt=0"]), registry, plugins, str(tmp_path / "run"))
+
+
+def test_the_gold_improvements_standard_error_pairs_the_samples_of_each_prompt():
+    gold, base = [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]
+    # one sample per prompt: differences 1, 0, 0, 1 -> stdev 0.577 over sqrt(4)
+    assert paired_standard_error(gold, base) == pytest.approx(0.5773503 / 2)
+    # two samples per prompt: per-prompt differences of means 0.5 and 0.5 -> no spread
+    assert paired_standard_error(gold, base, samples_per_prompt=2) == 0.0
+    assert math.isnan(paired_standard_error([1.0], [0.0]))
