@@ -101,7 +101,9 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
     out = {"win_rate": wins / n, "tie_rate": ties / n}
     if "gold" in base.metrics:
         out["gold_improvement"] = result.metrics["gold"] - base.metrics["gold"]
-        out["gold_improvement_se"] = paired_standard_error(result.gold, base.gold, result.samples_per_prompt)
+        se = paired_standard_error(result.gold, base.gold, result.samples_per_prompt)
+        if not math.isnan(se):  # one prompt: none (eval.json stays strict JSON)
+            out["gold_improvement_se"] = se
     return out
 
 

@@ -89,3 +89,13 @@ def test_the_gold_improvements_standard_error_pairs_the_samples_of_each_prompt()
     # two samples per prompt: per-prompt differences of means 0.5 and 0.5 -> no spread
     assert paired_standard_error(gold, base, samples_per_prompt=2) == 0.0
     assert math.isnan(paired_standard_error([1.0], [0.0]))
+
+
+def test_one_prompt_gives_no_standard_error_rather_than_nan_in_eval_json():
+    from rlhfkit.rlhf.evaluation import EvalResult, versus
+
+    one = EvalResult({"gold": 1.0}, ["p"], ["a"], [1.0]), EvalResult({"gold": 0.0}, ["p"], ["b"], [0.0])
+    vs = versus(*one)
+    assert vs["gold_improvement"] == 1.0 and "gold_improvement_se" not in vs
+    two = EvalResult({"gold": 0.5}, ["p", "q"], ["a", "b"], [1.0, 0.0]), EvalResult({"gold": 0.0}, ["p", "q"], ["c", "d"], [0.0, 0.0])
+    assert versus(*two)["gold_improvement_se"] == pytest.approx(0.5)
