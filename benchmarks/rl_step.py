@@ -134,7 +134,7 @@ def run_rlhfkit(algo: str, shape: Shape, model_dir: str, steps: int, warmup: int
         def __call__(self, rollout):
             return score_reward(reward_model, rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask)
 
-    def make_critic():
+    def make_critic(from_reward_model=True):  # the reward model here is itself a fresh head on the policy
         return rm_loader.build(model_dir, head)
 
     rollout = RolloutConfig(max_new_tokens=shape.new_tokens, temperature=1.0)
