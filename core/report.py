@@ -82,6 +82,8 @@ class Point:
     """Mean KL to SFT in nats per response."""
     gold: float
     proxy: float | None
+    gold_se: float | None = None
+    """Standard error of ``gold`` over the evaluation's prompts (None: not logged)."""
 
     @property
     def d(self) -> float:
@@ -166,19 +168,20 @@ def curves(series: dict[str, dict[str, list[tuple[int, float]]]], table: dict[st
         if "eval/gold" not in metrics:
             notes.append(f"{stage}: evaluations without gold reward (the dataset has no labeller): no curve")
             continue
-        at = {key: dict(metrics.get(f"eval/{key}", [])) for key in ("gold", "kl", "proxy")}  # the last of repeats (resume)
-        points = {s: Point(s, at["kl"][s], g, at["proxy"].get(s)) for s, g in at["gold"].items() if s in at["kl"]}
+        at = {key: dict(metrics.get(f"eval/{key}", [])) for key in ("gold", "kl", "proxy", "gold_se")}  # the last of repeats (resume)
+        points = {s: Point(s, at["kl"][s], g, at["proxy"].get(s), at["gold_se"].get(s))
+                  for s, g in at["gold"].items() if s in at["kl"]}
         last = max(s for values in metrics.values() for s, _ in values)
         final = policies.get(stage, {})
         if last not in points and "gold" in final and "kl" in final:
-            points[last] = Point(last, final["kl"], final["gold"], final.get("proxy"))
+            points[last] = Point(last, final["kl"], final["gold"], final.get("proxy"), final.get("gold_se"))
         origin = f"{stage} evaluation at step 0"
         if 0 not in points:
             sft = policies.get("sft", {})
             if "gold" not in sft:
                 notes.append(f"{stage}: no SFT point (no evaluation at step 0, no eval.json sft row): no curve")
                 continue
-            points[0] = Point(0, 0.0, sft["gold"], sft.get("proxy"))
+            points[0] = Point(0, 0.0, sft["gold"], sft.get("proxy"), sft.get("gold_se"))
             origin = "eval.json sft row (another sampling stream than the stage's evaluations)"
         out.append(Curve(stage, [points[s] for s in sorted(points)], origin))
     return out, notes
@@ -188,18 +191,21 @@ def gao_lines(curves_by_run: dict[str, list[Curve]], notes: list[str]) -> list[s
     """The over-optimisation table, as markdown (summary.md and stdout alike)."""
     lines = ["## Over-optimisation (Gao et al. 2022)", "",
              "Gold gain over SFT against d = sqrt(KL to SFT, nats per response), fitted with "
-             "R(d) = d (alpha - beta log d) by least squares over the evaluations after step 0.", "",
-             "| run | stage | evals | alpha | beta | R^2 | peak step | peak d | peak gold | peak gain | final d | final gain | proxy gain |",
-             "| --- | --- |" + " ---: |" * 11]
+             "R(d) = d (alpha - beta log d) by least squares over the evaluations after step 0. "
+             "s.e.: the peak evaluation's standard error of gold over its prompts (each point's "
+             "own noise; the points share prompts and sampling stream).", "",
+             "| run | stage | evals | alpha | beta | R^2 | peak step | peak d | peak gold | peak gain | final d | final gain | proxy gain | s.e. |",
+             "| --- | --- |" + " ---: |" * 12]
     for label, cs in curves_by_run.items():
         for c in cs:
             fit = fit_gao([p.d for p in c.points[1:]], c.gains("gold")[1:])
             top, end = peak(c), c.points[-1]
             proxy = f"{end.proxy - c.base.proxy:+.3f}" if end.proxy is not None and c.base.proxy is not None else "-"
+            se = f"{top.gold_se:.3f}" if top.gold_se is not None else "-"
             coef = [f"{fit.alpha:.4f}", f"{fit.beta:.4f}", f"{fit.r2:.3f}"] if fit else ["-", "-", "-"]
             lines.append(f"| {label} | {c.stage} | {len(c.points) - 1} | " + " | ".join(coef)
                          + f" | {top.step} | {top.d:.3f} | {top.gold:.3f} | {top.gold - c.base.gold:+.3f}"
-                         + f" | {end.d:.3f} | {end.gold - c.base.gold:+.3f} | {proxy} |")
+                         + f" | {end.d:.3f} | {end.gold - c.base.gold:+.3f} | {proxy} | {se} |")
             if fit is None:
                 notes.append(f"{label}/{c.stage}: too few evaluations away from SFT to fit ({len(c.points) - 1}; "
                              "3 at d > 0 needed): lower rl.eval_every or raise rl.steps")

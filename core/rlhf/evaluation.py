@@ -85,6 +85,9 @@ def evaluate(policy: Policy, reference: Policy, reward: RewardSource | None, pro
     if labeller is not None:
         gold = labeller.score(prompts, responses)
         metrics["gold"] = sum(gold) / len(gold)
+        se = standard_error(prompt_means(gold, samples_per_prompt))
+        if not math.isnan(se):
+            metrics["gold_se"] = se  # how far sampling and the choice of prompts move ``gold``
     metrics["length"] = sum(len(x.split()) for x in responses) / len(responses)
     return EvalResult(metrics, list(prompts), responses, gold, samples_per_prompt)
 
@@ -107,15 +110,25 @@ def versus(result: EvalResult, base: EvalResult) -> dict[str, float]:
     return out
 
 
+def prompt_means(scores: Sequence[float], samples_per_prompt: int = 1) -> list[float]:
+    """The mean score of each prompt's ``samples_per_prompt`` adjacent samples."""
+    k = samples_per_prompt
+    return [sum(scores[i : i + k]) / k for i in range(0, len(scores), k)]
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (one per prompt); NaN with fewer than 2."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
 def paired_standard_error(gold: Sequence[float], base: Sequence[float], samples_per_prompt: int = 1) -> float:
     """Standard error of ``mean(gold) - mean(base)``, two policies' gold scores on the same
     prompts (``samples_per_prompt`` adjacent samples of each): the spread over prompts of
     the per-prompt difference of means, over the square root of the number of prompts. It
     counts both the sampling noise and which prompts were drawn; an improvement within about
     two of it is not one the evaluation can tell from zero. NaN with fewer than 2 prompts."""
-    k = samples_per_prompt
-    diffs = [(sum(gold[i : i + k]) - sum(base[i : i + k])) / k for i in range(0, len(gold), k)]
-    return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return standard_error([a - b for a, b in zip(prompt_means(gold, samples_per_prompt),
+                                                 prompt_means(base, samples_per_prompt))])
 
 
 def format_table(table: dict[str, Any]) -> str:

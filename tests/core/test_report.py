@@ -115,7 +115,7 @@ def _overopt_run(path, alpha=0.2, beta=0.15, step0=True, evals=True):
         rows.append({"stage": "rl", "step": s, "rollout/kl": d * d})
         if evals:
             rows.append({"stage": "rl", "step": s, "eval/gold": 0.6 + (gao(d, alpha, beta) if d else 0.0),
-                         "eval/proxy": 0.1 * d, "eval/kl": d * d})
+                         "eval/proxy": 0.1 * d, "eval/kl": d * d, "eval/gold_se": 0.01 + s / 10000})
     rows.append({"stage": "rl", "step": 100, "rollout/kl": 16.0})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     final = {"gold": 0.6 + gao(4.0, alpha, beta), "proxy": 0.4, "kl": 16.0}
@@ -151,6 +151,9 @@ def test_report_plots_gold_and_proxy_against_d_and_prints_the_fit(tmp_path, caps
     assert g > 0.6 + gao(1.2, 0.2, 0.15) and g == max(0.6 + gao(s / 25, 0.2, 0.15) for s in range(10, 101, 10))
     for text in (printed, summary):
         assert f"| no KL | rl | 10 | 0.2000 | 0.1500 | 1.000 | 40 | 1.600 | {g:.3f} | {g - 0.6:+.3f} | 4.000 |" in text
+        rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith(("| no KL | rl | 10", "| KL 0.1 | rl | 10"))}
+        assert rows["no KL"].endswith("| 0.014 |")  # the peak's (step 40) standard error
+        assert rows["KL 0.1"].endswith("| - |")  # its peak is eval.json's end, which logged none
         assert "| KL 0.1 | rl | 10 | 0.0500 | 0.0100 | 1.000 | 100 | 4.000 |" in text  # still rising at the end (eval.json)
     assert "![rl_gold_vs_d.png](rl_gold_vs_d.png)" in summary
 
