@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def suite_seed(suite: str, seed: int, args: argparse.Namespace, root: str) -> di
 
 def summarise(r: dict) -> None:
     runs = r["runs"]
-    single = {x["step"]: x["gold"] for x in runs["single"]["curve"]}
+    single = {x["step"]: x for x in runs["single"]["curve"]}
     accs = " ".join(f"{a:.3f}" for a in r["member_accuracy"])
     print(f"\n{r['suite']} seed {r['seed']}: RM held-out accuracy ensemble {r['rm_accuracy']:.3f} (members {accs})")
     print(f"{'run':<7} {'sft':>6} {'peak':>6} {'@step':>6} {'end':>6} {'kl_end':>7} {'std_end':>8}   vs single at the same step")
@@ -97,10 +98,14 @@ def summarise(r: dict) -> None:
         line = (f"{method:<7} {rows[0]['gold']:>6.3f} {peak['gold']:>6.3f} {peak['step']:>6} {end['gold']:>6.3f} "
                 f"{end['kl']:>7.2f} {std:>8}")
         if method != "single":
-            margins = [x["gold"] - single[x["step"]] for x in rows[1:] if x["step"] in single]
+            pairs = [(x, single[x["step"]]) for x in rows[1:] if x["step"] in single]
+            margins = [x["gold"] - s["gold"] for x, s in pairs]
             kept = sum(m >= 0 for m in margins)
+            # below by more than two standard errors of the difference (the two evaluations' noise, as if independent)
+            clearly = sum(m < -2 * math.hypot(x["gold_se"], s["gold_se"]) for m, (x, s) in zip(margins, pairs)
+                          if x["gold_se"] is not None and s["gold_se"] is not None)
             line += (f"   >= single at {kept}/{len(margins)} steps, mean margin {sum(margins) / len(margins):+.3f}, "
-                     f"at the end {margins[-1]:+.3f}")
+                     f"at the end {margins[-1]:+.3f}, below it by > 2 s.e. at {clearly}")
         print(line)
 
 

@@ -49,10 +49,12 @@ def launch(name: str, overrides: list[str], root: str) -> str:
 
 
 def curve(run_dir: str) -> list[dict]:
-    """The run's RL evaluations as rows (step, kl, d, gold, proxy), SFT first (d = 0) and
-    eval.json's last; [] for a run without evaluations (``rlhfkit report``'s curves)."""
+    """The run's RL evaluations as rows (step, kl, d, gold, its standard error gold_se,
+    proxy), SFT first (d = 0) and eval.json's last; [] for a run without evaluations
+    (``rlhfkit report``'s curves)."""
     found, _ = curves(load_metrics(run_dir)[0], eval_table(run_dir))
-    return [{"step": p.step, "kl": p.kl, "d": p.d, "gold": p.gold, "proxy": p.proxy} for p in found[0].points] if found else []
+    return [{"step": p.step, "kl": p.kl, "d": p.d, "gold": p.gold, "gold_se": p.gold_se, "proxy": p.proxy}
+            for p in found[0].points] if found else []
 
 
 def run(name: str, overrides: list[str], root: str) -> list[dict]:
@@ -64,10 +66,11 @@ def show(name: str, run_dir: str) -> None:
     print(f"\n{name} ({run_dir})")
     found, notes = curves(load_metrics(run_dir)[0], eval_table(run_dir))
     for c in found:
-        print(f"{'step':>6} {'kl':>8} {'d':>7} {'gold':>7} {'proxy':>7}")
+        print(f"{'step':>6} {'kl':>8} {'d':>7} {'gold':>7} {'se':>6} {'proxy':>7}")
         for p in c.points:
             proxy = f"{p.proxy:>7.3f}" if p.proxy is not None else f"{'-':>7}"
-            print(f"{p.step:>6} {p.kl:>8.3f} {p.d:>7.3f} {p.gold:>7.3f} {proxy}")
+            se = f"{p.gold_se:>6.3f}" if p.gold_se is not None else f"{'-':>6}"
+            print(f"{p.step:>6} {p.kl:>8.3f} {p.d:>7.3f} {p.gold:>7.3f} {se} {proxy}")
     for n in notes:
         print(f"  {n}")
 
