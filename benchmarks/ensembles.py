@@ -9,7 +9,8 @@ For each suite and seed it trains SFT and an ensemble of ``--members`` reward mo
   the single reward model of ``rm.ensemble_size=1`` is (same seed, data, start and batches;
   tests/e2e/test_ensemble.py checks the weights are equal), so this is the single-RM run,
   with no second RM stage to pay for. The other members differ from it in their seed, their
-  bootstrap resample (``rm.bootstrap``) and their head's random start (``rm.member_init_std``).
+  bootstrap resample (``rm.bootstrap``), their head's random start (``rm.member_init_std``)
+  and their head (``rm.member_heads``, by default ``logprob_last``).
 - ``uwo``: ``reward=ensemble reward.objective=uwo reward.uwo_lambda=--lam``.
 - ``wco``: ``reward=ensemble reward.objective=wco``.
 

@@ -23,6 +23,21 @@ held-out accuracy rises on every built-in suite (0.659 -> 0.716, 0.742 -> 0.807,
 0.672 on seed 0). A sum, not a mean: a mean over the response rises when high-probability
 tokens (a filler word) are added, and an RL policy found that at once.
 
+**Where the linear part reads** (``linear``). ``tokens`` (the default): every response
+token's state, ``w . h_t + b`` summed with the log-probabilities, as above. ``last``: only
+the last token's state, as ``reward_head=last_token`` reads it, taken relative to the state
+just before the response (the prompt's last token, a constant for each prompt)::
+
+    c * sum_t log p(y_t | x, y_<t)  +  w . (h_last - h_before)
+
+so a planted flaw (one more marker, filler or hedge) moves the score by what one state
+carries, not once per token, while the log-likelihood term still reads the answer. It is
+computed per token as ``w . (h_t - h_{t-1})``, whose sum over the response is the
+difference above, so the sum pooling and a critic's per-token values work unchanged.
+``reward_head=logprob_last`` is this head with ``linear=last``: the default ensemble members
+(``rm.member_heads``), which read the answer as member 0 does and extrapolate the flaw
+differently from it (README "Reward-model ensembles").
+
 The sum runs over the response's tokens when the caller says which they are (the ``rm``
 stage, ``reward=model``, ``reward=ensemble``: :func:`rlhfkit.rlhf.retokenize.score`); a
 reward model fed re-tokenized text (another vocabulary) sums over every token but the first.
@@ -51,7 +66,10 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.plugins.reward_heads.last_token import linear_scorer
 from rlhfkit.rlhf.fused import chosen_logprobs
 from rlhfkit.rlhf.masked import masked_mean
-from rlhfkit.settings import bounded, one_of
+from rlhfkit.settings import Invalid, bounded, one_of
+
+LINEAR = ("tokens", "last")
+"""Where a logprob head's linear part reads: every response token's state, or the last one's."""
 
 
 @dataclass
@@ -65,6 +83,25 @@ class LogProbConfig:
     logprob_weight: float = bounded(1.0, ge=0)
     """Initial weight ``c`` of the token log-probabilities (learned; 0: a linear score summed
     over the response, which knows only what the hidden states carry)."""
+    linear: str = one_of(*LINEAR)
+    """Where the learned linear part reads the hidden states: ``tokens``, every response
+    token's (summed); ``last``, the last token's, relative to the state before the response
+    (``reward_head=logprob_last``). ``last`` needs ``pool=sum``."""
+
+    def validate(self, run: object = None) -> None:
+        if self.linear == "last" and self.pool != "sum":
+            raise Invalid("linear", self.linear, "the last token's linear score is a difference summed over the "
+                          "response, not averaged: set reward_head.pool=sum, or reward_head.linear=tokens")
+
+
+@dataclass
+class LogProbLastConfig(LogProbConfig):
+    """``reward_head=logprob``'s settings with the linear part on the last token."""
+
+    linear: str = one_of(*LINEAR, default="last")
+    """Where the learned linear part reads the hidden states: ``last``, the last token's,
+    relative to the state before the response; ``tokens``, every response token's (summed,
+    as ``reward_head=logprob``)."""
 
 
 # frozen LM-head copies held by bound heads, by shape, device, dtype and a checksum: equal
@@ -81,6 +118,7 @@ class LogProbHead(torch.nn.Module):
         # shape (1,), not (): DeepSpeed cannot broadcast a 0-dim parameter
         self.logprob_weight = torch.nn.Parameter(torch.full((1,), float(cfg.logprob_weight)))
         self.pool_kind = cfg.pool  # saved with the reward model, checked when it is loaded
+        self.linear_kind = cfg.linear  # the same
         self.register_buffer("unembedding", torch.zeros(0, hidden_size))
 
     def bind(self, unembedding: torch.Tensor) -> None:
@@ -137,7 +175,10 @@ class LogProbHead(torch.nn.Module):
         return torch.nn.functional.pad(lp, (1, 0))
 
     def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1) + self.logprob_weight * self.token_logprobs(hidden, input_ids)
+        linear = self.linear(hidden).squeeze(-1)  # (B, T)
+        if self.linear_kind == "last":  # summed over the response: w . (h_last - h_before); b cancels
+            linear = linear - torch.nn.functional.pad(linear[:, :-1], (1, 0))
+        return linear + self.logprob_weight * self.token_logprobs(hidden, input_ids)
 
     def pool(self, token_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sum (or mean) over ``mask``: the response's tokens, or every attended token but the
@@ -149,3 +190,4 @@ class LogProbHead(torch.nn.Module):
 @hookimpl
 def rlhfkit_register_reward_heads(register):
     register("logprob", lambda cfg: (lambda hidden: LogProbHead(hidden, cfg)), LogProbConfig)
+    register("logprob_last", lambda cfg: (lambda hidden: LogProbHead(hidden, cfg)), LogProbLastConfig)

@@ -75,7 +75,8 @@ def lm_head_weight(backbone: torch.nn.Module, path: str, dtype: str, trust_remot
     head = load_model(path, "AutoModelForCausalLM", dtype, trust_remote_code).get_output_embeddings()
     if head is None:
         raise ConfigError(f"{path!r} has no language-model head; reward_head=logprob needs a causal LM checkpoint "
-                          "(the SFT one). Select another reward_head.")
+                          "(the SFT one). Select another reward_head, and for an ensemble rm.member_heads "
+                          "without logprob heads (rm.member_heads=[last_token,mlp]).")
     return head.weight
 
 
@@ -158,9 +159,16 @@ class BackboneRewardModel(torch.nn.Module):
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, os.path.join(path, HEAD_FILE))
         meta = {"head_class": type(self.head).__name__, "bias": float(self.bias), "gain": self.gain,
-                **({"head_pool": self.head.pool_kind} if hasattr(self.head, "pool_kind") else {})}
+                **{key: getattr(self.head, attr) for _, key, attr, _ in HEAD_SETTINGS if hasattr(self.head, attr)}}
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+
+
+HEAD_SETTINGS = (("pool", "head_pool", "pool_kind", None), ("linear", "head_linear", "linear_kind", "tokens"))
+"""A head's settings that change what its weights mean (``reward_head=logprob``'s): the setting,
+its key in ``reward_model.json``, the head's attribute, and the value of a checkpoint saved
+before the setting existed. Saved with the reward model; a run that selects another value is
+refused when it loads it."""
 
 
 class HFRewardLoader:
@@ -211,10 +219,11 @@ class HFRewardLoader:
                 f"The reward model at {path!r} was trained with head {meta['head_class']}, but the run "
                 f"selects {type(rm.head).__name__}. Select the matching reward_head."
             )
-        saved, chosen = meta.get("head_pool"), getattr(rm.head, "pool_kind", None)
-        if saved is not None and chosen is not None and saved != chosen:  # the bias and gain hold for one pooling only
-            raise CheckpointError(f"The reward model at {path!r} was trained with reward_head.pool={saved}, but the run "
-                                  f"selects reward_head.pool={chosen}. Set reward_head.pool={saved}.")
+        for setting, key, attr, before in HEAD_SETTINGS:  # the weights, bias and gain hold for one choice only
+            saved, chosen = meta.get(key, before if "head_pool" in meta else None), getattr(rm.head, attr, None)
+            if saved is not None and chosen is not None and saved != chosen:
+                raise CheckpointError(f"The reward model at {path!r} was trained with reward_head.{setting}={saved}, but "
+                                      f"the run selects reward_head.{setting}={chosen}. Set reward_head.{setting}={saved}.")
         try:
             state = load_file(os.path.join(path, HEAD_FILE))
             if hasattr(rm.head, "bind") and "unembedding" in state:

@@ -9,7 +9,8 @@ checkpoints), so ``reward=model`` on an ensemble's product is the single-RM run.
 1..K-1 each draw their own seed (batch order), their own bootstrap resample of the
 comparisons (``rm.bootstrap``) and their own random start: N(0, ``rm.member_init_std``,
 0.03) added to their reward head's weight matrices. ``rm.member_heads`` gives them heads of
-other kinds, which extrapolate differently off the SFT samples. Members that differ only in
+other kinds, which extrapolate differently off the SFT samples (by default ``logprob_last``:
+the answer's log-likelihood as member 0 reads it, the flaw from the last token alone). Members that differ only in
 batch order score much alike (the stage warns); README "Reward-model ensembles" has the
 measurements. Each member is normalised on its own. The product is then::
 
@@ -87,16 +88,21 @@ class RMConfig:
     matrices (its parameters of two or more dimensions), each from its own seed, so that they
     differ in their start too; member 0 starts as the single reward model does. 0: no noise.
     0.03 held best over the built-in suites against 0 and 0.1 (README "Reward-model ensembles")."""
-    member_heads: list[str] = field(default_factory=lambda: ["last_token", "mlp"])
+    member_heads: list[str] = field(default_factory=lambda: ["logprob_last"])
     """Reward heads (``reward_head`` names) of ensemble members 1..K-1, taken in turn. Member 0
     always uses ``reward_head``: it is the single reward model. Members of one kind learn the
     comparisons' flaw alike and agree where a policy exploits it (Eisenstein et al. 2023);
     heads of other kinds extrapolate in their own ways off the SFT samples, so the members
-    disagree there, and ``uwo`` and ``wco`` hold back. A name that is the run's
-    ``reward_head`` takes its settings, another that head's defaults. ``[]``: every member
-    uses ``reward_head``. The default was chosen over the built-in suites against ``[]`` and
-    ``[last_token,mean_pool]``, and checked on two more seeds (README "Reward-model
-    ensembles"). A reward model with a head of its own (``reward_model=seq_cls``) ignores it."""
+    disagree there, and ``uwo`` and ``wco`` hold back. The default, ``logprob_last``, reads
+    the answer through the SFT model's log-likelihood as the default ``logprob`` head does,
+    and the flaw through the last token's state instead of every token's. Heads that cannot
+    read the answer (``last_token``, ``mlp``) protect as well where the single RM is
+    exploited but cost gold where it is not: the members' mean then ranks answers worse. A
+    name that is the run's ``reward_head`` takes its settings, another that head's defaults.
+    ``[]``: every member uses ``reward_head``. The default was chosen over the built-in
+    suites and three seeds against ``[]``, ``[last_token,mean_pool]`` and
+    ``[last_token,mlp]`` (README "Reward-model ensembles"). A reward model with a head of its
+    own (``reward_model=seq_cls``) ignores it."""
 
     def validate(self, run: Any = None) -> None:
         if not self.member_heads:

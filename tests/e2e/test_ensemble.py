@@ -70,8 +70,10 @@ def test_member_0_is_the_single_reward_model_and_the_others_differ(sft, ensemble
     assert ens["members/1/reward_head.safetensors"] != single["reward_head.safetensors"]
     info = json.load(open(ensemble / "rm" / "ensemble.json"))
     assert info["members"] == [".", "members/1"] and info["bootstrap"] is True and info["member_init_std"] == 0.03
-    assert info["member_heads"] == ["last_token", "mlp"]  # member 1 takes the first: a head of another kind
-    assert json.load(open(ensemble / "rm" / "members" / "1" / "reward_model.json"))["head_class"] == "LastTokenHead"
+    assert info["member_heads"] == ["logprob_last"]  # a head of another kind: the linear part on the last token
+    member_1 = json.load(open(ensemble / "rm" / "members" / "1" / "reward_model.json"))
+    assert (member_1["head_class"], member_1["head_linear"]) == ("LogProbHead", "last")
+    assert json.load(open(ensemble / "rm" / "reward_model.json"))["head_linear"] == "tokens"  # member 0: reward_head
     logged = [r for r in rows(ensemble) if r["stage"] == "rm" and "rm/ensemble_size" in r][0]
     assert logged["rm/ensemble_size"] == 2 and logged["rm/accuracy"] == info["accuracy"]
     assert [logged[f"rm/member/{k}/accuracy"] for k in range(2)] == info["member_accuracy"]
@@ -152,7 +154,7 @@ def test_killed_mid_ensemble_resumes_to_the_uninterrupted_run_only_with_its_memb
     recorded = {f: (run_dir / f).read_bytes() for f in (".hydra/overrides.yaml", ".hydra/config.yaml", "config.yaml")}
     other = run_cli([f"resume={run_dir}", "rm.member_init_std=0.1"], cwd=str(tmp_path))  # would mix two ensembles
     assert other.returncode != 0 and "Traceback" not in other.stderr
-    assert ("trained with rm.bootstrap=true rm.member_init_std=0.03 rm.member_heads=[last_token,mlp]: resume with "
+    assert ("trained with rm.bootstrap=true rm.member_init_std=0.03 rm.member_heads=[logprob_last]: resume with "
             "those settings") in other.stderr
     assert {f: (run_dir / f).read_bytes() for f in recorded} == recorded  # the refused overrides are not kept
     r = run_cli([f"resume={run_dir}"], cwd=str(tmp_path))  # so a plain resume replays the run's own

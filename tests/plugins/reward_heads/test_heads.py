@@ -66,6 +66,55 @@ def test_logprob_head_scores_token_logprobs_through_the_bound_lm_head():
     assert not head.unembedding.requires_grad and "unembedding" in head.state_dict()
 
 
+def test_logprob_head_with_linear_last_reads_the_last_state_relative_to_the_one_before_the_response():
+    """linear=last (reward_head=logprob_last): c * sum log p + w . (h_last - h_before), so the
+    linear part sees only the last token's state (and a per-prompt constant), whatever the
+    states between; computed per token, so the sum pooling and per-token values still apply."""
+    torch.manual_seed(0)
+    unembedding = torch.randn(7, 4)
+    tokens, last = (LogProbHead(4, LogProbConfig(init_std=0.5, linear=kind)) for kind in ("tokens", "last"))
+    last.load_state_dict(tokens.state_dict())  # the same weights: only where the linear part reads differs
+    for head in (tokens, last):
+        head.bind(unembedding)
+    hidden, ids = torch.randn(2, 6, 4), torch.randint(0, 7, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])  # the response's tokens (right padding in row 0)
+    w, b = last.linear.weight[0], last.linear.bias[0]
+    lp = (last.token_logprobs(hidden, ids) * mask).sum(-1)
+    expected = lp + torch.stack([hidden[0, 4] @ w - hidden[0, 1] @ w, hidden[1, 5] @ w - hidden[1, 0] @ w])
+    with torch.no_grad():
+        torch.testing.assert_close(last.pool(last.token_scores(hidden, ids), mask), expected)
+        torch.testing.assert_close(tokens.pool(tokens.token_scores(hidden, ids), mask),
+                                   lp + ((hidden @ w + b) * mask).sum(-1))  # every response token, and b per token
+        moved = hidden.clone()
+        moved[0, 2:4] += torch.randn(2, 4)  # states between the first and the last response token
+        pooled = lambda h: last.pool(last.token_scores(h, ids), mask)  # noqa: E731
+        logprobs = lambda h: (last.token_logprobs(h, ids) * mask).sum(-1)  # noqa: E731
+        torch.testing.assert_close(pooled(moved) - pooled(hidden), logprobs(moved) - logprobs(hidden))  # c = 1
+
+
+def test_logprob_last_is_registered_with_linear_last_and_refuses_mean_pooling():
+    from omegaconf import OmegaConf
+
+    from rlhfkit.plugins.reward_heads.logprob import LogProbLastConfig
+    from rlhfkit.settings import Invalid
+
+    registry = setup()[1]
+    entry = registry.get("reward_head", "logprob_last")
+    head = registry.build("reward_head", OmegaConf.structured(entry.stored_schema))(12)
+    assert isinstance(head, LogProbHead) and head.linear_kind == "last" and head.pool_kind == "sum"
+    with pytest.raises(Invalid, match=r"^linear=last: .*set reward_head.pool=sum"):
+        LogProbLastConfig(pool="mean").validate()
+    LogProbConfig(pool="mean").validate()  # the linear part on every token averages as before
+    from rlhfkit.config import validate_run
+    from rlhfkit.errors import ConfigError
+
+    from ...helpers import SMOKE, compose
+
+    for overrides in (["reward_head=logprob_last", "reward_head.pool=mean"], ["reward_head.linear=last", "reward_head.pool=mean"]):
+        with pytest.raises(ConfigError, match=r"^reward_head.linear=last: .*set reward_head.pool=sum"):  # before any work
+            validate_run(compose(SMOKE + overrides), registry)
+
+
 def test_logprob_head_needs_its_lm_head():
     from rlhfkit.errors import ConfigError
 

@@ -112,6 +112,16 @@ def test_logprob_head_starts_as_the_sft_models_log_likelihood(arch, synthetic, t
     # the pooling is saved with it: another one would silently change the reward, bias and gain
     with pytest.raises(CheckpointError, match=r"trained with reward_head.pool=sum.*Set reward_head.pool=sum"):
         loader.load(path, lambda h: LogProbHead(h, LogProbConfig(pool="mean")))
+    # so is where its linear part reads: the same weights mean another reward
+    with pytest.raises(CheckpointError, match=r"trained with reward_head.linear=tokens.*Set reward_head.linear=tokens"):
+        loader.load(path, lambda h: LogProbHead(h, LogProbConfig(linear="last")))
+    meta_path = os.path.join(path, "reward_model.json")
+    meta = json.load(open(meta_path))
+    del meta["head_linear"]  # saved before the setting existed: every such head read every token
+    json.dump(meta, open(meta_path, "w"))
+    loader.load(path, build)
+    with pytest.raises(CheckpointError, match=r"trained with reward_head.linear=tokens"):
+        loader.load(path, lambda h: LogProbHead(h, LogProbConfig(linear="last")))
 
 
 def test_scale_multiplies_rewards_and_values_and_is_saved(policy_dir, tiny_policy, tmp_path):
