@@ -3,7 +3,8 @@
 Runs ``experiment=overoptimization`` (no KL penalty, a long RL stage evaluated every few
 steps from step 0) and the same with ``algorithm.kl_coef=--kl-coef``, and with
 ``--ensemble`` a third run scored by ``reward=ensemble`` (KL off too; by default 3
-members and the uncertainty-weighted objective). Prints each run's
+members and the uncertainty-weighted objective; member 0 is the preset's ``mean_pool`` RM,
+members 1 and 2 the default ``rm.member_heads``, ``logprob_last``). Prints each run's
 evaluations (step, KL, d = sqrt(KL), gold, proxy) and the over-optimisation table of
 ``rlhfkit report``: Gao et al.'s R(d) = d (alpha - beta log d) fitted to the gold gain over
 SFT (alpha, beta, R^2), and where gold peaked (step, d, gold, gain over SFT). The report

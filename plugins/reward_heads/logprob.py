@@ -33,7 +33,9 @@ just before the response (the prompt's last token, a constant for each prompt)::
 so a planted flaw (one more marker, filler or hedge) moves the score by what one state
 carries, not once per token, while the log-likelihood term still reads the answer. It is
 computed per token as ``w . (h_t - h_{t-1})``, whose sum over the response is the
-difference above, so the sum pooling and a critic's per-token values work unchanged.
+difference above, so the sum pooling works unchanged (for re-tokenized text, scored without
+a response mask, ``h_before`` is the first token's state). As a critic the head gives each
+token ``w . h_t + b + c * log p`` either way (:meth:`LogProbHead.value_scores`).
 ``reward_head=logprob_last`` is this head with ``linear=last``: the default ensemble members
 (``rm.member_heads``), which read the answer as member 0 does and extrapolate the flaw
 differently from it (README "Reward-model ensembles").
@@ -175,10 +177,17 @@ class LogProbHead(torch.nn.Module):
         return torch.nn.functional.pad(lp, (1, 0))
 
     def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        linear = self.linear(hidden).squeeze(-1)  # (B, T)
-        if self.linear_kind == "last":  # summed over the response: w . (h_last - h_before); b cancels
-            linear = linear - torch.nn.functional.pad(linear[:, :-1], (1, 0))
+        if self.linear_kind != "last":
+            return self.value_scores(hidden, input_ids)
+        linear = self.linear(hidden).squeeze(-1).float()  # fp32: under bf16 the differences would round again
+        linear = linear - torch.nn.functional.pad(linear[:, :-1], (1, 0))  # summed: w . (h_last - h_before)
         return linear + self.logprob_weight * self.token_logprobs(hidden, input_ids)
+
+    def value_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) per-token values when the reward model starts a critic: each token's own
+        state, ``w . h_t + b + c * log p``, whatever ``linear`` is (with ``last`` the reward's
+        differences would leave a value model without its constant ``b``)."""
+        return self.linear(hidden).squeeze(-1) + self.logprob_weight * self.token_logprobs(hidden, input_ids)
 
     def pool(self, token_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sum (or mean) over ``mask``: the response's tokens, or every attended token but the

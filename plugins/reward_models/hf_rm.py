@@ -130,18 +130,25 @@ class BackboneRewardModel(torch.nn.Module):
         self.tokenizer = tokenizer  # None: the policy's token ids are scored as they are
         self.lora, self.base = lora or LoraSettings(), base
 
-    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """(B, T) the head's per-token scores, which ``head.pool`` makes the reward; with
+        ``values``, a critic's per-token values: ``head.value_scores`` where the head has one
+        (a head whose scores are not values by themselves), else the same scores."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
         ).last_hidden_state  # (B, T, H)
         dtype = next(self.head.parameters(), hidden).dtype  # the head stays fp32 on a bf16 backbone
+        score = (getattr(self.head, "value_scores", None) if values else None) or self.head.token_scores
         if reads_tokens(self.head):
-            return self.head.token_scores(hidden.to(dtype), input_ids).float()  # (B, T)
-        return self.head.token_scores(hidden.to(dtype)).float()  # (B, T)
+            return score(hidden.to(dtype), input_ids).float()  # (B, T)
+        return score(hidden.to(dtype)).float()  # (B, T)
+
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.token_scores(input_ids, attention_mask, values=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False,
                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
-        token_scores = self.token_values(input_ids, attention_mask)
+        token_scores = self.token_scores(input_ids, attention_mask, values=per_token)
         if per_token:  # as a critic: through forward, so wrapped engines (DDP, ZeRO) see it
             # shifted like the reward ("N+ details"): else values start off by a constant
             # that GAE turns into a length bias of the advantages
@@ -166,9 +173,9 @@ class BackboneRewardModel(torch.nn.Module):
 
 HEAD_SETTINGS = (("pool", "head_pool", "pool_kind", None), ("linear", "head_linear", "linear_kind", "tokens"))
 """A head's settings that change what its weights mean (``reward_head=logprob``'s): the setting,
-its key in ``reward_model.json``, the head's attribute, and the value of a checkpoint saved
-before the setting existed. Saved with the reward model; a run that selects another value is
-refused when it loads it."""
+its key in ``reward_model.json``, the head's attribute, and the value a checkpoint of that
+head class saved before the setting existed had (None: not checked). Saved with the reward
+model; a run that selects another value is refused when it loads it."""
 
 
 class HFRewardLoader:
@@ -220,7 +227,7 @@ class HFRewardLoader:
                 f"selects {type(rm.head).__name__}. Select the matching reward_head."
             )
         for setting, key, attr, before in HEAD_SETTINGS:  # the weights, bias and gain hold for one choice only
-            saved, chosen = meta.get(key, before if "head_pool" in meta else None), getattr(rm.head, attr, None)
+            saved, chosen = meta.get(key, before), getattr(rm.head, attr, None)  # the head's class matches
             if saved is not None and chosen is not None and saved != chosen:
                 raise CheckpointError(f"The reward model at {path!r} was trained with reward_head.{setting}={saved}, but "
                                       f"the run selects reward_head.{setting}={chosen}. Set reward_head.{setting}={saved}.")

@@ -100,9 +100,9 @@ class RMConfig:
     exploited but cost gold where it is not: the members' mean then ranks answers worse. A
     name that is the run's ``reward_head`` takes its settings, another that head's defaults.
     ``[]``: every member uses ``reward_head``. The default was chosen over the built-in
-    suites and three seeds against ``[]``, ``[last_token,mean_pool]`` and
-    ``[last_token,mlp]`` (README "Reward-model ensembles"). A reward model with a head of its
-    own (``reward_model=seq_cls``) ignores it."""
+    suites and seeds 0-2 against ``[last_token,mlp]`` (the former default), and against
+    ``[]`` where members of one kind fail, on ``words`` (README "Reward-model ensembles").
+    A reward model with a head of its own (``reward_model=seq_cls``) ignores it."""
 
     def validate(self, run: Any = None) -> None:
         if not self.member_heads:
@@ -248,6 +248,7 @@ class RM:
     def __init__(self, cfg: RMConfig):
         self.cfg = cfg
         self.head_start: list[torch.Tensor] | None = None  # member 0's head before training
+        self.head_kind: Any = None  # and its class and settings
 
     def run(self, ctx: StageContext) -> None:
         seed_everything(ctx.seed + 1)
@@ -336,10 +337,13 @@ class RM:
         if k > 1 or not isinstance(head, torch.nn.Module) or getattr(getattr(rm, "lora", None), "enabled", False):
             return  # members 0 and 1 tell; no head to compare, or LoRA adapters (those start at random per seed)
         start = [p.detach().clone() for p in head.parameters()] or None
+        # the head's class and plain settings (a logprob head's pool and linear): heads of two kinds may start alike
+        kind = (type(head), {n: v for n, v in vars(head).items()
+                             if not n.startswith("_") and n != "training" and isinstance(v, (str, int, float, bool))})
         if k == 0:
-            self.head_start = start
-        elif start is not None and self.head_start is not None and len(start) == len(self.head_start) \
-                and all(map(torch.equal, start, self.head_start)):
+            self.head_start, self.head_kind = start, kind
+        elif start is not None and self.head_start is not None and kind == self.head_kind \
+                and len(start) == len(self.head_start) and all(map(torch.equal, start, self.head_start)):
             ctx.out.warn("the ensemble's members start from the same reward head and train on the same "
                          "comparisons: they differ only in batch order and will score much alike. Make them "
                          "differ with rm.bootstrap=true or rm.member_init_std>0 (the defaults).")

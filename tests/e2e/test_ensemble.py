@@ -129,13 +129,17 @@ def _result(run_dir):
 
 def test_members_differ_by_their_start_alone_and_batch_order_alone_is_warned(sft, ensemble, tmp_path):
     """rm.member_init_std perturbs members 1.. (never member 0); with no bootstrap and no
-    start noise the members differ only in batch order, and the stage says so."""
+    start noise the members differ only in batch order, and the stage says so. A member head
+    of another kind that starts with the same weights (logprob_last: zeros, as logprob) is
+    not warned about."""
     heads = {}
-    for name, extra in (("alike", ["rm.member_init_std=0"]), ("start", [])):
+    for name, extra in (("alike", ["rm.member_heads=[]", "rm.member_init_std=0"]), ("start", ["rm.member_heads=[]"]),
+                        ("kind", ["rm.member_init_std=0"])):
         with contextlib.redirect_stderr(io.StringIO()) as err:
-            run(tmp_path / name, ARGS + [f"from_run={sft}", "rm.bootstrap=false", "rm.member_heads=[]"] + extra)
+            run(tmp_path / name, ARGS + [f"from_run={sft}", "rm.bootstrap=false"] + extra)
         assert (SAME_START in err.getvalue()) == (name == "alike")
         heads[name] = weights(tmp_path / name / "rm")
+    assert heads["kind"]["members/1/reward_head.safetensors"] != heads["alike"]["members/1/reward_head.safetensors"]
     diverse = weights(ensemble / "rm")
     for f in ("reward_head.safetensors", "model.safetensors"):  # member 0: the single RM whatever the settings
         assert heads["alike"][f] == heads["start"][f] == diverse[f]

@@ -73,6 +73,8 @@ def test_logprob_head_with_linear_last_reads_the_last_state_relative_to_the_one_
     torch.manual_seed(0)
     unembedding = torch.randn(7, 4)
     tokens, last = (LogProbHead(4, LogProbConfig(init_std=0.5, linear=kind)) for kind in ("tokens", "last"))
+    with torch.no_grad():
+        tokens.linear.bias.fill_(0.7)
     last.load_state_dict(tokens.state_dict())  # the same weights: only where the linear part reads differs
     for head in (tokens, last):
         head.bind(unembedding)
@@ -90,6 +92,16 @@ def test_logprob_head_with_linear_last_reads_the_last_state_relative_to_the_one_
         pooled = lambda h: last.pool(last.token_scores(h, ids), mask)  # noqa: E731
         logprobs = lambda h: (last.token_logprobs(h, ids) * mask).sum(-1)  # noqa: E731
         torch.testing.assert_close(pooled(moved) - pooled(hidden), logprobs(moved) - logprobs(hidden))  # c = 1
+        # as a critic, each token's own state and the constant b, as linear=tokens scores it
+        torch.testing.assert_close(last.value_scores(hidden, ids), tokens.token_scores(hidden, ids))
+        torch.testing.assert_close(tokens.value_scores(hidden, ids), tokens.token_scores(hidden, ids))
+        # no response mask (re-tokenized text, left padded): every attended token but the first
+        attended = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+        first = attended.long().cumsum(-1) == 1
+        fallback = attended * ~first
+        torch.testing.assert_close(last.pool(last.token_scores(hidden, ids), fallback),
+                                   (last.token_logprobs(hidden, ids) * fallback).sum(-1)
+                                   + torch.stack([hidden[0, 5] @ w - hidden[0, 2] @ w, hidden[1, 5] @ w - hidden[1, 0] @ w]))
 
 
 def test_logprob_last_is_registered_with_linear_last_and_refuses_mean_pooling():

@@ -71,6 +71,32 @@ def test_critic_values_are_shifted_by_the_bias_like_the_reward(policy_dir, tiny_
 
 
 
+def test_a_logprob_last_critic_starts_from_each_tokens_own_score(policy_dir, tiny_policy):
+    """reward_head=logprob_last: the reward pools the linear part's differences (the last
+    state relative to the one before the response); the critic's per-token values are each
+    token's own w . h_t + b + c log p, minus the bias, times the gain."""
+    from rlhfkit.plugins.reward_heads.logprob import LogProbConfig, LogProbHead
+    from rlhfkit.rlhf.retokenize import score
+
+    torch.manual_seed(0)
+    rm = HFRewardLoader(HFRewardConfig()).build(policy_dir, lambda h: LogProbHead(h, LogProbConfig(init_std=0.1, linear="last")))
+    with torch.no_grad():
+        rm.head.linear.bias.fill_(0.5)
+    rm.set_bias(2.0)
+    rm.set_scale(3.0)
+    e = encode_pairs(tiny_policy.tokenizer, ["copy a b =", "sort b a c ="], ["a b", "a"], torch.device("cpu"))
+    with torch.no_grad():
+        hidden = rm.backbone(input_ids=e.input_ids, attention_mask=e.attention_mask).last_hidden_state
+        values = rm(e.input_ids, e.attention_mask, per_token=True)
+        torch.testing.assert_close(values, (rm.head.value_scores(hidden, e.input_ids) - 2.0) * 3.0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rm.token_values(e.input_ids, e.attention_mask), rm.head.value_scores(hidden, e.input_ids),
+                                   rtol=1e-4, atol=1e-4)
+        reward = score(rm, e.input_ids, e.attention_mask, e.loss_mask)
+        torch.testing.assert_close(reward, (rm.head.pool(rm.head.token_scores(hidden, e.input_ids), e.loss_mask) - 2.0) * 3.0,
+                                   rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(reward, (rm.head.pool(values / 3.0 + 2.0, e.loss_mask) - 2.0) * 3.0)  # not the values
+
+
 def sft_logprob_sum(policy_dir, e):
     """Sum over each row's response tokens (EOS included) of log pi_SFT(token | before)."""
     from transformers import AutoModelForCausalLM
